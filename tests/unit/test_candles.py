@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import shutil
 from decimal import Decimal
@@ -47,10 +48,8 @@ def test_load_candles_bundled_file_all_rows_valid_and_decimal() -> None:
         volume=Decimal("2300413.7295"),
     )
     assert last.timestamp_ns == T0_NS + 45_030 * 60 * 10**9  # no gaps
-    assert all(
-        b.timestamp_ns - a.timestamp_ns == 60 * 10**9
-        for a, b in zip(result.candles, result.candles[1:])
-    )
+    steps = {b.timestamp_ns - a.timestamp_ns for a, b in itertools.pairwise(result.candles)}
+    assert steps == {60 * 10**9}
 
 
 def test_load_candles_bad_rows_skipped_counted_and_logged_with_row_number(
