@@ -1,0 +1,1117 @@
+"""The event bus: `subscribe(EventType, handler)` and `await publish(Event)`.
+
+Two transports behind one API:
+
+* `InMemoryTransport` (the default, `EventBus()`): one process, no Redis. For unit tests,
+  for running components together, and for fast replay.
+* `RedisStreamsTransport`: Redis Streams consumer groups. Group = service name, consumer =
+  one per process, so replicas of a service split the work and different services each get
+  every event. An entry is acked only after every local handler of its type has returned
+  and every event those handlers published has reached Redis. Failed entries are retried
+  (XCLAIM, so Redis counts deliveries) and dead-lettered after `max_deliveries` with the
+  error; malformed entries are dead-lettered at once. Entries of a crashed consumer are
+  taken over with XAUTOCLAIM once idle. While Redis is unreachable, publishes wait in a
+  bounded outbox that is flushed in order on reconnect; past the bound publish raises
+  "Queue is full".
+
+Handlers run on `worker_count` workers; events with the same key (symbol, else order id,
+else type) always go to the same worker, so per-symbol order is kept while symbols run in
+parallel. See docs/adr/0002-event-bus-delivery.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import logging
+import random
+import time
+import zlib
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from hean.core.errors import QueueFullError
+from hean.core.event_streams import (
+    DLQ_STREAM,
+    EVENT_FIELD,
+    as_str,
+    dead_letter_fields,
+    decode_entry,
+    ensure_group,
+    stream_key,
+    stream_maxlen,
+)
+from hean.core.metrics import Metrics
+from hean.core.settings import CoreSettings, redact_url
+from hean.core.types import Event, EventType, InvalidEventError, current_event
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Event], Awaitable[None] | None]
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class BusState(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class BusHealth:
+    state: BusState
+    transport: str
+    connected: bool
+    queue_size: int
+    outbox_size: int
+    in_flight: int
+    dead_letters: int
+    error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Subscription:
+    event_type: EventType
+    handler: Handler
+    name: str
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One event being handled in this process, with what is left to do for it."""
+
+    event: Event
+    stream: str = ""
+    entry_id: str = ""
+    raw: bytes = b""
+    deliveries: int = 1
+    done: set[str] = field(default_factory=set)
+    outputs: list[asyncio.Future[str]] = field(default_factory=list)
+    last_error: str | None = None
+
+
+_current_delivery: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
+    "hean_current_delivery", default=None
+)
+
+
+def partition_key(event: Event) -> str:
+    """Events with one key are handled in order: symbol, else order id, else event type."""
+    data = event.data
+    for name in ("symbol", "order_id"):
+        value = data.get(name)
+        if value:
+            return str(value)
+    return event.event_type.value
+
+
+def _handler_name(handler: Handler) -> str:
+    owner = getattr(handler, "__self__", None)
+    qual = getattr(handler, "__qualname__", None) or repr(handler)
+    if owner is not None:
+        return f"{type(owner).__module__}.{qual}"
+    return f"{getattr(handler, '__module__', '?')}.{qual}"
+
+
+class Backoff:
+    """Exponential backoff with full jitter, capped; `reset()` after a success."""
+
+    def __init__(self, initial: float = 0.05, maximum: float = 5.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        cap = min(self.maximum, self.initial * (2**self.attempt))
+        self.attempt += 1
+        return random.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Dispatcher:
+    """Runs an event's local handlers; remembers which succeeded so a retry runs only the
+    ones that failed (within this process)."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self._subs: dict[EventType, list[_Subscription]] = {}
+        self.metrics = metrics
+
+    def add(self, sub: _Subscription) -> None:
+        subs = self._subs.setdefault(sub.event_type, [])
+        if any(s.name == sub.name for s in subs):
+            raise ValueError(f"{sub.name} is already subscribed to {sub.event_type.value}")
+        subs.append(sub)
+
+    def remove(self, event_type: EventType, handler: Handler) -> None:
+        subs = self._subs.get(event_type, [])
+        self._subs[event_type] = [s for s in subs if s.handler != handler]
+
+    @property
+    def event_types(self) -> list[EventType]:
+        return [t for t, subs in self._subs.items() if subs]
+
+    def has(self, event_type: EventType) -> bool:
+        return bool(self._subs.get(event_type))
+
+    async def run(self, delivery: Delivery) -> list[tuple[str, BaseException]]:
+        """Run each not-yet-done handler; return the failures (name, error)."""
+        failures: list[tuple[str, BaseException]] = []
+        event = delivery.event
+        token_event = current_event.set(event)
+        token_delivery = _current_delivery.set(delivery)
+        started = time.perf_counter()
+        try:
+            for sub in list(self._subs.get(event.event_type, ())):
+                if sub.name in delivery.done:
+                    continue
+                try:
+                    result = sub.handler(event)
+                    if inspect.isawaitable(result):
+                        await result
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a handler error never crashes the bus
+                    failures.append((sub.name, exc))
+                    log.warning(
+                        "handler %s failed on %s %s (delivery %d): %s: %s",
+                        sub.name,
+                        event.event_type.value,
+                        event.event_id,
+                        delivery.deliveries,
+                        type(exc).__name__,
+                        exc,
+                    )
+                else:
+                    delivery.done.add(sub.name)
+        finally:
+            current_event.reset(token_event)
+            _current_delivery.reset(token_delivery)
+        if self.metrics is not None:
+            self.metrics.latency_seconds.labels(stage=f"handle_{event.event_type.value}").observe(
+                time.perf_counter() - started
+            )
+            outcome = "error" if failures else "ok"
+            self.metrics.events_handled.labels(event.event_type.value, outcome).inc()
+        return failures
+
+
+def _describe_failures(failures: list[tuple[str, BaseException]]) -> str:
+    return "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failures)
+
+
+class Transport(ABC):
+    """What the bus needs from a transport."""
+
+    name = "transport"
+
+    def __init__(self) -> None:
+        self.dispatcher: Dispatcher = Dispatcher(None)
+        self.metrics: Metrics | None = None
+        self.source = "local"
+
+    def bind(self, dispatcher: Dispatcher, metrics: Metrics | None, source: str) -> None:
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.source = source
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self, drain_timeout: float = 5.0) -> None: ...
+
+    @abstractmethod
+    async def publish(self, event: Event) -> None: ...
+
+    @abstractmethod
+    async def flush(self, timeout: float | None = None) -> None: ...
+
+    def subscribed(self, event_type: EventType) -> None:  # noqa: B027 - optional hook
+        """A handler for `event_type` was added (the Redis transport starts reading it)."""
+
+    @abstractmethod
+    def health(self) -> BusHealth: ...
+
+
+class _Workers:
+    """`count` ordered queues; a delivery goes to the queue its partition key hashes to."""
+
+    def __init__(
+        self, count: int, handle: Callable[[Delivery], Awaitable[None]], name: str
+    ) -> None:
+        self.queues: list[asyncio.Queue[Delivery | None]] = [asyncio.Queue() for _ in range(count)]
+        self._handle = handle
+        self._tasks: list[asyncio.Task[None]] = []
+        self._name = name
+        self.size = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._run(q), name=f"{self._name}-worker-{i}")
+                for i, q in enumerate(self.queues)
+            ]
+
+    def put(self, delivery: Delivery) -> None:
+        index = zlib.crc32(partition_key(delivery.event).encode()) % len(self.queues)
+        self.size += 1
+        self.idle.clear()
+        self.queues[index].put_nowait(delivery)
+
+    async def _run(self, queue: asyncio.Queue[Delivery | None]) -> None:
+        while True:
+            delivery = await queue.get()
+            if delivery is None:
+                return
+            try:
+                await self._handle(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in the bus itself: log it, keep the worker alive
+                log.exception("event bus worker error on %s", delivery.event.event_id)
+            finally:
+                self.size -= 1
+                if self.size == 0:
+                    self.idle.set()
+
+    async def stop(self, timeout: float) -> None:
+        for q in self.queues:
+            q.put_nowait(None)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._tasks = []
+
+
+class InMemoryTransport(Transport):
+    """Everything in one process: bounded queue, parallel ordered workers, local retries and
+    an in-memory dead-letter list."""
+
+    name = "memory"
+
+    def __init__(
+        self,
+        *,
+        max_queue_size: int = 50_000,
+        worker_count: int = 4,
+        max_deliveries: int = 5,
+        retry_delay: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.max_queue_size = max_queue_size
+        self.max_deliveries = max_deliveries
+        self.retry_delay = retry_delay
+        self._workers = _Workers(worker_count, self._handle, "memory")
+        self.dead_letters: deque[tuple[Event, str]] = deque(maxlen=10_000)
+        self.dead_letter_count = 0
+        self._started = False
+
+    async def start(self) -> None:
+        self._workers.start()
+        self._started = True
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        if self._started:
+            await self.flush(drain_timeout)
+            await self._workers.stop(drain_timeout)
+            self._workers = _Workers(len(self._workers.queues), self._handle, "memory")
+            self._started = False
+
+    async def publish(self, event: Event) -> None:
+        if not self.dispatcher.has(event.event_type):
+            return
+        if self._workers.size >= self.max_queue_size:
+            raise QueueFullError("the in-memory event queue", self.max_queue_size)
+        if not self._started:
+            await self.start()
+        self._workers.put(Delivery(event=event))
+
+    async def _handle(self, delivery: Delivery) -> None:
+        while True:
+            failures = await self.dispatcher.run(delivery)
+            if not failures:
+                return
+            delivery.last_error = _describe_failures(failures)
+            if delivery.deliveries >= self.max_deliveries:
+                self.dead_letters.append((delivery.event, delivery.last_error))
+                self.dead_letter_count += 1
+                if self.metrics is not None:
+                    self.metrics.dead_letters.labels(delivery.event.event_type.value).inc()
+                log.error(
+                    "dead-lettered %s %s after %d deliveries: %s",
+                    delivery.event.event_type.value,
+                    delivery.event.event_id,
+                    delivery.deliveries,
+                    delivery.last_error,
+                )
+                return
+            delivery.deliveries += 1
+            await asyncio.sleep(self.retry_delay * 2 ** (delivery.deliveries - 2))
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued event (and what its handlers published) is handled."""
+        await asyncio.wait_for(self._workers.idle.wait(), timeout)
+
+    def health(self) -> BusHealth:
+        size = self._workers.size
+        full = size >= self.max_queue_size
+        return BusHealth(
+            state=BusState.UNHEALTHY if full else BusState.HEALTHY,
+            transport=self.name,
+            connected=True,
+            queue_size=size,
+            outbox_size=0,
+            in_flight=size,
+            dead_letters=self.dead_letter_count,
+            error_message="Queue is full" if full else None,
+        )
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    key: str
+    fields: dict[bytes, bytes]
+    maxlen: int | None
+    future: asyncio.Future[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RedisBusConfig:
+    """Tuning of the Redis transport; `from_settings` maps the EVENT_* variables."""
+
+    url: str
+    group: str
+    consumer: str
+    batch_size: int = 10
+    worker_count: int = 4
+    max_queue_size: int = 50_000
+    block_ms: int = 200
+    claim_idle_ms: int = 30_000
+    claim_interval_ms: int = 5_000
+    retry_delay_ms: int = 500
+    max_deliveries: int = 5
+    stream_maxlen: int = 100_000
+    dlq_maxlen: int = 100_000
+    reconnect_max_s: float = 5.0
+    group_start_id: str = "$"
+    consumer_gc_idle_ms: int = 600_000
+
+    @classmethod
+    def from_settings(cls, settings: CoreSettings, **overrides: Any) -> RedisBusConfig:
+        values: dict[str, Any] = {
+            "url": settings.redis_url,
+            "group": settings.service_name,
+            "consumer": settings.consumer_name,
+            "batch_size": settings.event_batch_size,
+            "worker_count": settings.event_worker_count,
+            "max_queue_size": settings.event_max_queue_size,
+            "block_ms": settings.event_block_ms,
+            "claim_idle_ms": settings.event_claim_idle_ms,
+            "claim_interval_ms": settings.event_claim_interval_ms,
+            "retry_delay_ms": settings.event_retry_delay_ms,
+            "max_deliveries": settings.event_max_deliveries,
+            "stream_maxlen": settings.event_stream_maxlen,
+            "dlq_maxlen": settings.event_dlq_maxlen,
+            "reconnect_max_s": settings.event_reconnect_max_s,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+class RedisStreamsTransport(Transport):
+    """Redis Streams consumer groups with at-least-once delivery (see the module docstring)."""
+
+    name = "redis"
+
+    def __init__(self, config: RedisBusConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._client: aioredis.Redis | None = None
+        self._reader: aioredis.Redis | None = None
+        self._outbox: deque[_Outgoing] = deque()
+        self._outbox_wakeup = asyncio.Event()
+        self._acks: dict[str, list[str]] = {}
+        self._ack_wakeup = asyncio.Event()
+        self._in_flight: set[tuple[str, str]] = set()
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+        self._subscribed_wakeup = asyncio.Event()
+        self._groups_ready: set[str] = set()
+        self._workers = _Workers(config.worker_count, self._handle, "redis")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retry_tasks: set[asyncio.Task[None]] = set()
+        self._running = False
+        self._stopping = asyncio.Event()
+        self._connected = False
+        self._last_error: str | None = None
+        self._outbox_rejections = 0
+        self.dead_letter_count = 0
+        self.reclaimed_count = 0
+        self.deleted_pending_count = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise RuntimeError("the Redis transport is not started")
+        return self._client
+
+    @property
+    def max_in_flight(self) -> int:
+        return max(self.config.batch_size * self.config.worker_count * 4, 64)
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        timeout = self.config.block_ms / 1000 + 5.0
+        self._client = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                self.config.url,
+                max_connections=16,
+                timeout=10,
+                socket_timeout=5.0,
+                socket_connect_timeout=5.0,
+            )
+        )
+        # The blocking reader gets its own connection (a shared pool would let BLOCK starve
+        # other commands) and a socket timeout above its BLOCK time.
+        self._reader = aioredis.Redis.from_url(
+            self.config.url,
+            single_connection_client=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=5.0,
+        )
+        self._running = True
+        self._stopping.clear()
+        try:
+            await self._client.ping()
+            self._set_connected(True)
+            await self._ensure_groups()
+        except _REDIS_DOWN as exc:
+            self._set_connected(False, exc)
+            log.warning(
+                "Redis at %s is unreachable at start (%s); running degraded, will reconnect",
+                redact_url(self.config.url),
+                exc,
+            )
+        self._workers.start()
+        self._tasks = [
+            asyncio.create_task(self._flush_loop(), name="bus-outbox"),
+            asyncio.create_task(self._ack_loop(), name="bus-acks"),
+            asyncio.create_task(self._read_loop(), name="bus-reader"),
+            asyncio.create_task(self._claim_loop(), name="bus-claimer"),
+        ]
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop reading, let in-flight handlers finish, flush acks and the outbox, close."""
+        if not self._running:
+            return
+        self._running = False
+        self._stopping.set()
+        self._subscribed_wakeup.set()
+        self._capacity.set()
+        reader, claimer = self._tasks[2], self._tasks[3]
+        await asyncio.wait([reader, claimer], timeout=self.config.block_ms / 1000 + 2)
+        for task in self._retry_tasks:
+            task.cancel()
+        await self._workers.stop(drain_timeout)
+        try:
+            await self.flush(drain_timeout)
+        except TimeoutError:
+            log.error(
+                "stopping with %d events not yet in Redis and %d acks unsent",
+                len(self._outbox),
+                sum(len(v) for v in self._acks.values()),
+            )
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._retry_tasks, return_exceptions=True)
+        self._tasks = []
+        self._retry_tasks.clear()
+        self._workers = _Workers(self.config.worker_count, self._handle, "redis")
+        for conn in (self._reader, self._client):
+            if conn is not None:
+                await conn.aclose()
+        self._reader = self._client = None
+
+    def _set_connected(self, connected: bool, error: BaseException | None = None) -> None:
+        if connected and not self._connected:
+            log.info("connected to Redis at %s", redact_url(self.config.url))
+        if not connected and self._connected:
+            log.warning("lost Redis at %s: %s", redact_url(self.config.url), error)
+        self._connected = connected
+        if error is not None:
+            self._last_error = f"Redis unreachable: {type(error).__name__}: {error}"
+        elif connected:
+            self._last_error = None
+        if self.metrics is not None:
+            self.metrics.redis_connected.set(1 if connected else 0)
+
+    async def _ensure_groups(self, start_id: str | None = None) -> None:
+        for event_type in self.dispatcher.event_types:
+            key = stream_key(event_type)
+            if key in self._groups_ready and start_id is None:
+                continue
+            await ensure_group(
+                self.client, key, self.config.group, start_id=start_id or self.config.group_start_id
+            )
+            self._groups_ready.add(key)
+
+    def subscribed(self, event_type: EventType) -> None:
+        self._subscribed_wakeup.set()
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        if len(self._outbox) >= self.config.max_queue_size:
+            self._outbox_rejections += 1
+            raise QueueFullError("the Redis outbox", self.config.max_queue_size)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._outbox.append(
+            _Outgoing(
+                key=stream_key(event.event_type),
+                fields={EVENT_FIELD: event.to_json()},
+                maxlen=stream_maxlen(event.event_type, self.config.stream_maxlen),
+                future=future,
+            )
+        )
+        self._outbox_wakeup.set()
+        delivery = _current_delivery.get()
+        if delivery is not None:
+            delivery.outputs.append(future)
+        else:
+            # Nobody may await it; make sure a failure is still retrieved and logged.
+            future.add_done_callback(_log_future_error)
+        self._report_sizes()
+
+    async def _flush_loop(self) -> None:
+        backoff = Backoff(maximum=self.config.reconnect_max_s)
+        while True:
+            if not self._outbox:
+                self._outbox_wakeup.clear()
+                await self._outbox_wakeup.wait()
+                continue
+            batch = [self._outbox[i] for i in range(min(500, len(self._outbox)))]
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for item in batch:
+                        pipe.xadd(item.key, item.fields, maxlen=item.maxlen, approximate=True)  # type: ignore[arg-type]
+                    results = await pipe.execute(raise_on_error=False)
+            except _REDIS_DOWN as exc:
+                self._set_connected(False, exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            self._set_connected(True)
+            for item, result in zip(batch, results, strict=True):
+                self._outbox.popleft()
+                if item.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(as_str(result))
+                    if self.metrics is not None:
+                        etype = item.key.rsplit(":", 1)[-1]
+                        self.metrics.events_published.labels(etype).inc()
+            self._report_sizes()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything published so far is in Redis and every ack is sent."""
+
+        async def drained() -> None:
+            while self._outbox or any(self._acks.values()):
+                pending = [o.future for o in self._outbox]
+                if pending:
+                    await asyncio.wait(pending)
+                else:
+                    self._ack_wakeup.set()
+                    await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(drained(), timeout)
+
+    # --- consuming ----------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff = Backoff(maximum=self.config.reconnect_max_s)
+        assert self._reader is not None
+        while self._running:
+            event_types = self.dispatcher.event_types
+            if not event_types:
+                self._subscribed_wakeup.clear()
+                await self._subscribed_wakeup.wait()
+                continue
+            if len(self._in_flight) >= self.max_in_flight:
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+            try:
+                await self._ensure_groups()
+                streams: dict[Any, Any] = {stream_key(t): ">" for t in event_types}
+                response = await self._reader.xreadgroup(
+                    self.config.group,
+                    self.config.consumer,
+                    streams,
+                    count=self.config.batch_size,
+                    block=self.config.block_ms,
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    # Redis lost its data (restart without persistence): recreate the groups
+                    # from the start of the new streams and carry on.
+                    log.warning("consumer group missing (%s); recreating", exc)
+                    self._groups_ready.clear()
+                    await self._recreate_groups()
+                    continue
+                log.error("XREADGROUP failed: %s", exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            except _REDIS_DOWN as exc:
+                self._set_connected(False, exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            self._set_connected(True)
+            for raw_stream, entries in response or ():
+                stream = as_str(raw_stream)
+                for raw_id, fields in entries:
+                    await self._accept(stream, as_str(raw_id), fields, deliveries=1)
+
+    async def _recreate_groups(self) -> None:
+        try:
+            await self._ensure_groups(start_id="0")
+        except _REDIS_DOWN as exc:
+            self._set_connected(False, exc)
+
+    async def _accept(
+        self, stream: str, entry_id: str, fields: dict[bytes, bytes] | None, deliveries: int
+    ) -> None:
+        raw = (fields or {}).get(EVENT_FIELD, b"") if fields else b""
+        if (stream, entry_id) in self._in_flight:
+            return  # already being handled here (reclaimed from ourselves)
+        try:
+            event = decode_entry(stream, fields)
+        except InvalidEventError as exc:
+            payload = raw or repr(fields).encode()
+            await self._dead_letter(stream, entry_id, payload, deliveries, f"malformed: {exc}")
+            return
+        if not self.dispatcher.has(event.event_type):
+            self._queue_ack(stream, entry_id)
+            return
+        self._in_flight.add((stream, entry_id))
+        self._workers.put(
+            Delivery(event=event, stream=stream, entry_id=entry_id, raw=raw, deliveries=deliveries)
+        )
+        self._report_sizes()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        failures = await self.dispatcher.run(delivery)
+        if failures:
+            delivery.last_error = _describe_failures(failures)
+            if delivery.deliveries >= self.config.max_deliveries:
+                await self._dead_letter(
+                    delivery.stream,
+                    delivery.entry_id,
+                    delivery.raw,
+                    delivery.deliveries,
+                    delivery.last_error,
+                    event_type=delivery.event.event_type,
+                )
+                self._finish(delivery)
+            else:
+                task = asyncio.create_task(self._retry_later(delivery))
+                self._retry_tasks.add(task)
+                task.add_done_callback(self._retry_tasks.discard)
+            return
+        # Ack only once everything the handlers published is in Redis: a crash before that
+        # redelivers the input instead of losing the output.
+        if delivery.outputs:
+            results = await asyncio.gather(*delivery.outputs, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                log.error(
+                    "not acking %s %s: %d of its outputs failed to publish: %s",
+                    delivery.event.event_type.value,
+                    delivery.event.event_id,
+                    len(errors),
+                    errors[0],
+                )
+                self._finish(delivery, ack=False)
+                return
+        self._finish(delivery)
+
+    def _finish(self, delivery: Delivery, *, ack: bool = True) -> None:
+        if ack:
+            self._queue_ack(delivery.stream, delivery.entry_id)
+        self._in_flight.discard((delivery.stream, delivery.entry_id))
+        if len(self._in_flight) < self.max_in_flight:
+            self._capacity.set()
+        self._report_sizes()
+
+    async def _retry_later(self, delivery: Delivery) -> None:
+        delay_ms = min(
+            self.config.retry_delay_ms * 2 ** (delivery.deliveries - 1),
+            max(self.config.retry_delay_ms, self.config.claim_idle_ms // 2),
+        )
+        await asyncio.sleep(delay_ms / 1000)
+        self._in_flight.discard((delivery.stream, delivery.entry_id))
+        if not self._running:
+            return
+        try:
+            # XCLAIM (not a local re-run) so Redis counts the delivery. If another consumer
+            # took the entry meanwhile, its idle time is short and we leave it to them.
+            claimed = await self.client.xclaim(
+                delivery.stream,
+                self.config.group,
+                self.config.consumer,
+                min_idle_time=int(delay_ms * 0.9),
+                message_ids=[delivery.entry_id],
+            )
+        except _REDIS_DOWN as exc:
+            self._set_connected(False, exc)
+            return  # still pending: XAUTOCLAIM picks it up once Redis is back
+        if not claimed or claimed[0][1] is None:
+            self._capacity.set()
+            return
+        delivery.deliveries += 1
+        self._in_flight.add((delivery.stream, delivery.entry_id))
+        self._workers.put(delivery)
+
+    async def _dead_letter(
+        self,
+        stream: str,
+        entry_id: str,
+        payload: bytes,
+        deliveries: int,
+        error: str,
+        *,
+        event_type: EventType | None = None,
+    ) -> None:
+        fields = dead_letter_fields(
+            stream=stream,
+            entry_id=entry_id,
+            group=self.config.group,
+            consumer=self.config.consumer,
+            deliveries=deliveries,
+            error=error,
+            payload=payload,
+            dead_at_ns=time.time_ns(),
+        )
+        backoff = Backoff(maximum=self.config.reconnect_max_s)
+        while True:
+            try:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.xadd(DLQ_STREAM, fields, maxlen=self.config.dlq_maxlen, approximate=True)  # type: ignore[arg-type]
+                    pipe.xack(stream, self.config.group, entry_id)
+                    await pipe.execute()
+                break
+            except _REDIS_DOWN as exc:
+                self._set_connected(False, exc)
+                if not self._running:
+                    return  # stays pending; another consumer will dead-letter it
+                await asyncio.sleep(backoff.next_delay())
+        self.dead_letter_count += 1
+        label = event_type.value if event_type is not None else stream.rsplit(":", 1)[-1]
+        if self.metrics is not None:
+            self.metrics.dead_letters.labels(label).inc()
+            self.metrics.events_handled.labels(label, "dead_letter").inc()
+        log.error(
+            "dead-lettered %s entry %s after %d deliveries: %s", stream, entry_id, deliveries, error
+        )
+
+    def _queue_ack(self, stream: str, entry_id: str) -> None:
+        self._acks.setdefault(stream, []).append(entry_id)
+        self._ack_wakeup.set()
+
+    async def _ack_loop(self) -> None:
+        backoff = Backoff(maximum=self.config.reconnect_max_s)
+        while True:
+            if not any(self._acks.values()):
+                self._ack_wakeup.clear()
+                await self._ack_wakeup.wait()
+                continue
+            batch, self._acks = self._acks, {}
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for stream, ids in batch.items():
+                        if ids:
+                            pipe.xack(stream, self.config.group, *ids)
+                    await pipe.execute()
+                backoff.reset()
+            except _REDIS_DOWN as exc:
+                self._set_connected(False, exc)
+                for stream, ids in batch.items():  # acks are idempotent: resend them later
+                    self._acks.setdefault(stream, [])[:0] = ids
+                await asyncio.sleep(backoff.next_delay())
+
+    async def _claim_loop(self) -> None:
+        interval = self.config.claim_interval_ms / 1000
+        last_gc = 0.0
+        while self._running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            if not self._running or not self._connected:
+                continue
+            try:
+                for event_type in self.dispatcher.event_types:
+                    await self._reclaim(stream_key(event_type))
+                if time.monotonic() - last_gc > self.config.consumer_gc_idle_ms / 1000 / 4:
+                    last_gc = time.monotonic()
+                    for event_type in self.dispatcher.event_types:
+                        await self._collect_consumers(stream_key(event_type))
+            except _REDIS_DOWN as exc:
+                self._set_connected(False, exc)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    self._groups_ready.clear()
+                    await self._recreate_groups()
+                else:
+                    log.error("reclaim failed: %s", exc)
+
+    async def _reclaim(self, stream: str) -> None:
+        """Take over entries idle past `claim_idle_ms` (a dead or stuck consumer's)."""
+        cursor = "0-0"
+        for _ in range(100):  # XAUTOCLAIM scans a bounded window: loop until the cursor is 0-0
+            if len(self._in_flight) >= self.max_in_flight:
+                return
+            result = await self.client.xautoclaim(
+                stream,
+                self.config.group,
+                self.config.consumer,
+                min_idle_time=self.config.claim_idle_ms,
+                start_id=cursor,
+                count=self.config.batch_size * 10,
+            )
+            cursor = as_str(result[0])
+            claimed = result[1]
+            deleted = result[2] if len(result) > 2 else []
+            if deleted:
+                # Trimmed or deleted while pending (Redis >= 7): nothing left to handle.
+                self.deleted_pending_count += len(deleted)
+                for raw_id in deleted:
+                    self._queue_ack(stream, as_str(raw_id))
+                log.warning(
+                    "%d pending entries of %s were trimmed before handling", len(deleted), stream
+                )
+            fresh = [
+                (as_str(i), f) for i, f in claimed if (stream, as_str(i)) not in self._in_flight
+            ]
+            if fresh:
+                counts = await self._delivery_counts(stream, [i for i, _ in fresh])
+                self.reclaimed_count += len(fresh)
+                if self.metrics is not None:
+                    self.metrics.reclaimed.inc(len(fresh))
+                for entry_id, fields in fresh:
+                    deliveries = counts.get(entry_id, 1)
+                    if deliveries > self.config.max_deliveries:
+                        raw = (fields or {}).get(EVENT_FIELD, b"")
+                        await self._dead_letter(
+                            stream,
+                            entry_id,
+                            raw,
+                            deliveries - 1,
+                            f"gave up after {deliveries - 1} deliveries without an ack "
+                            "(handlers failed or consumers died while handling it)",
+                        )
+                    else:
+                        await self._accept(stream, entry_id, fields, deliveries)
+            if cursor == "0-0":
+                return
+
+    async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
+        def key(entry: str) -> tuple[int, int]:
+            ms, _, seq = entry.partition("-")
+            return int(ms), int(seq or 0)
+
+        ordered = sorted(ids, key=key)
+        rows = await self.client.xpending_range(
+            stream,
+            self.config.group,
+            min=ordered[0],
+            max=ordered[-1],
+            count=len(ids) * 4 + 100,
+            consumername=self.config.consumer,
+        )
+        wanted = set(ids)
+        counts: dict[str, int] = {}
+        for row in rows:
+            entry_id = as_str(row["message_id"])
+            if entry_id in wanted:
+                counts[entry_id] = int(row["times_delivered"])
+        return counts
+
+    async def _collect_consumers(self, stream: str) -> None:
+        """Remove consumers of our group that are long idle and hold nothing pending (each
+        restart leaves one behind, since consumer names carry the pid)."""
+        consumers = await self.client.xinfo_consumers(stream, self.config.group)
+        for info in consumers:
+            name = as_str(info["name"])
+            if name == self.config.consumer:
+                continue
+            if int(info["pending"]) == 0 and int(info["idle"]) > self.config.consumer_gc_idle_ms:
+                await self.client.xgroup_delconsumer(stream, self.config.group, name)
+                log.info("removed idle consumer %s from %s", name, stream)
+
+    # --- introspection -------------------------------------------------------------------------
+
+    def _report_sizes(self) -> None:
+        if self.metrics is not None:
+            self.metrics.outbox_size.set(len(self._outbox))
+            self.metrics.queue_size.set(len(self._outbox) + len(self._in_flight))
+
+    def health(self) -> BusHealth:
+        outbox = len(self._outbox)
+        full = outbox >= self.config.max_queue_size
+        if full:
+            state, message = (
+                BusState.UNHEALTHY,
+                (
+                    f"Queue is full: {outbox} events wait for Redis "
+                    f"(EVENT_MAX_QUEUE_SIZE={self.config.max_queue_size}); "
+                    + (self._last_error or "")
+                ),
+            )
+        elif not self._connected:
+            state, message = BusState.DEGRADED, self._last_error or "Redis not connected"
+        else:
+            state, message = BusState.HEALTHY, None
+        return BusHealth(
+            state=state,
+            transport=self.name,
+            connected=self._connected,
+            queue_size=outbox + len(self._in_flight),
+            outbox_size=outbox,
+            in_flight=len(self._in_flight),
+            dead_letters=self.dead_letter_count,
+            error_message=message,
+        )
+
+
+def _log_future_error(future: asyncio.Future[str]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("publish failed: %s", future.exception())
+
+
+class EventBus:
+    """Publish/subscribe over a transport (in memory by default).
+
+    ```python
+    bus = EventBus()                                         # one process
+    bus = EventBus.redis(settings)                           # Redis Streams, group = service
+    bus.subscribe(EventType.TICK, handler)
+    await bus.publish(Event(event_type=EventType.TICK, data={...}))
+    ```
+    """
+
+    def __init__(
+        self,
+        transport: Transport | None = None,
+        *,
+        metrics: Metrics | None = None,
+        source: str = "local",
+    ) -> None:
+        self.transport = transport if transport is not None else InMemoryTransport()
+        self.metrics = metrics
+        self.source = source
+        self._dispatcher = Dispatcher(metrics)
+        self.transport.bind(self._dispatcher, metrics, source)
+        self._started = False
+
+    @classmethod
+    def redis(
+        cls, settings: CoreSettings, *, metrics: Metrics | None = None, **overrides: Any
+    ) -> EventBus:
+        config = RedisBusConfig.from_settings(settings, **overrides)
+        return cls(RedisStreamsTransport(config), metrics=metrics, source=config.consumer)
+
+    @classmethod
+    def memory(
+        cls, settings: CoreSettings | None = None, *, metrics: Metrics | None = None
+    ) -> EventBus:
+        if settings is None:
+            return cls(metrics=metrics)
+        transport = InMemoryTransport(
+            max_queue_size=settings.event_max_queue_size,
+            worker_count=settings.event_worker_count,
+            max_deliveries=settings.event_max_deliveries,
+        )
+        return cls(transport, metrics=metrics, source=settings.consumer_name)
+
+    def subscribe(
+        self, event_type: EventType, handler: Handler, *, name: str | None = None
+    ) -> None:
+        """Call `handler(event)` (sync or async) for every event of `event_type`."""
+        if not isinstance(event_type, EventType):
+            event_type = EventType(str(event_type).upper())
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        self._dispatcher.add(_Subscription(event_type, handler, name or _handler_name(handler)))
+        self.transport.subscribed(event_type)
+
+    def unsubscribe(self, event_type: EventType, handler: Handler) -> None:
+        self._dispatcher.remove(event_type, handler)
+
+    @property
+    def subscriptions(self) -> list[EventType]:
+        return self._dispatcher.event_types
+
+    async def publish(self, event: Event) -> Event:
+        """Validate, stamp (source, correlation id) and hand `event` to the transport.
+
+        Returns the stamped event. Raises `QueueFullError` ("Queue is full") when the bounded
+        queue or outbox is full, and `TypeError` for anything but an `Event`.
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"publish() takes an Event, not {type(event).__name__}")
+        if not self._started:
+            await self.start()
+        stamped = event.with_context(source=self.source)
+        await self.transport.publish(stamped)
+        return stamped
+
+    async def start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.transport.start()
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        if self._started:
+            self._started = False
+            await self.transport.stop(drain_timeout)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every event published so far is delivered (memory) or in Redis."""
+        await self.transport.flush(timeout)
+
+    def health(self) -> BusHealth:
+        return self.transport.health()
+
+    @property
+    def queue_size(self) -> int:
+        return self.transport.health().queue_size
+
+    async def __aenter__(self) -> EventBus:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
