@@ -667,7 +667,7 @@ class RedisStreamsTransport(Transport):
             try:
                 await self._ensure_groups()
                 streams: dict[Any, Any] = {stream_key(t): ">" for t in event_types}
-                response = await self._reader.xreadgroup(
+                response: Any = await self._reader.xreadgroup(
                     self.config.group,
                     self.config.consumer,
                     streams,
@@ -893,7 +893,7 @@ class RedisStreamsTransport(Transport):
         for _ in range(100):  # XAUTOCLAIM scans a bounded window: loop until the cursor is 0-0
             if len(self._in_flight) >= self.max_in_flight:
                 return
-            result = await self.client.xautoclaim(
+            result: Any = await self.client.xautoclaim(
                 stream,
                 self.config.group,
                 self.config.consumer,
@@ -1060,8 +1060,7 @@ class EventBus:
         self, event_type: EventType, handler: Handler, *, name: str | None = None
     ) -> None:
         """Call `handler(event)` (sync or async) for every event of `event_type`."""
-        if not isinstance(event_type, EventType):
-            event_type = EventType(str(event_type).upper())
+        event_type = EventType(str(event_type).upper())
         if not callable(handler):
             raise TypeError("handler must be callable")
         self._dispatcher.add(_Subscription(event_type, handler, name or _handler_name(handler)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 from hean.core.errors import PermanentError
 
@@ -128,9 +128,15 @@ class CircuitBreaker:
         if self._state is CircuitState.HALF_OPEN:
             self._half_open_in_flight = max(0, self._half_open_in_flight - 1)
 
+    @overload
     async def call(
-        self, func: Callable[P, Awaitable[T] | T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
+        self, func: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    @overload
+    async def call(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    async def call(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Any:
         """Run `func` (sync or async) under the breaker."""
         self.before_call()
         try:
@@ -147,7 +153,7 @@ class CircuitBreaker:
             self._release()
             raise
         self.record_success()
-        return result  # type: ignore[return-value]
+        return result
 
     def reset(self) -> None:
         self._consecutive_failures = 0

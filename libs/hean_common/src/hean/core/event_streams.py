@@ -64,8 +64,16 @@ def decode_entry(stream: str | bytes, fields: Mapping[bytes, bytes] | None) -> E
     return event
 
 
-def as_str(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def entries_of(response: Any) -> Entries:
+    """redis-py's loosely typed XRANGE/XCLAIM answer, as what it is with bytes responses."""
+    return list(response or [])
+
+
+def as_str(value: bytes | str | int) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +243,7 @@ class RedisEventStream:
             want = batch_size if remaining is None else min(batch_size, remaining)
             lo = f"({cursor}" if exclusive else cursor
             hi = "+" if follow else end_id
-            entries = await self.client.xrange(key, min=lo, max=hi, count=want)
+            entries = entries_of(await self.client.xrange(key, min=lo, max=hi, count=want))
             for raw_id, fields in entries:
                 entry_id = as_str(raw_id)
                 cursor, exclusive = entry_id, True
@@ -266,11 +274,13 @@ class RedisEventStream:
     async def dead_letters(
         self, *, count: int = 100, start_id: str = "-", end_id: str = "+"
     ) -> list[DeadLetter]:
-        entries = await self.client.xrange(DLQ_STREAM, min=start_id, max=end_id, count=count)
+        entries = entries_of(
+            await self.client.xrange(DLQ_STREAM, min=start_id, max=end_id, count=count)
+        )
         return [DeadLetter.from_fields(i, f) for i, f in entries]
 
     async def dead_letter(self, dlq_id: str) -> DeadLetter | None:
-        entries = await self.client.xrange(DLQ_STREAM, min=dlq_id, max=dlq_id, count=1)
+        entries = entries_of(await self.client.xrange(DLQ_STREAM, min=dlq_id, max=dlq_id, count=1))
         return DeadLetter.from_fields(*entries[0]) if entries else None
 
     async def drop_dead_letter(self, dlq_id: str) -> bool:

@@ -161,9 +161,7 @@ class HealthServer:
         body = dict(self._health())
         overall = body.get("orchestrator", {}).get("overall_state")
         status = 503 if overall == ComponentState.UNHEALTHY.value else 200
-        return web.Response(
-            body=orjson.dumps(body), status=status, content_type="application/json"
-        )
+        return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
     async def _get_metrics(self, request: web.Request) -> web.Response:
         self._health()  # refreshes the health gauges

@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 from hean.core.bus import BusState, EventBus
 from hean.core.circuit_breaker import CircuitBreaker, CircuitState
@@ -155,7 +155,7 @@ class TradingOrchestrator:
                 if inspect.isawaitable(result):
                     await result
                 reg.started = True
-            except Exception as exc:  # noqa: BLE001 - reported in health, not raised
+            except Exception as exc:
                 reg.start_error = f"start failed: {type(exc).__name__}: {exc}"
                 log.exception("component %s failed to start", reg.name)
         await self.bus.start()
@@ -195,13 +195,23 @@ class TradingOrchestrator:
 
     # --- fault tolerance -------------------------------------------------------------------
 
+    @overload
     async def execute_with_circuit_breaker(
         self,
         component_name: str,
-        func: Callable[P, Awaitable[T] | T],
+        func: Callable[P, Awaitable[T]],
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> T:
+    ) -> T: ...
+
+    @overload
+    async def execute_with_circuit_breaker(
+        self, component_name: str, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    async def execute_with_circuit_breaker(
+        self, component_name: str, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs
+    ) -> Any:
         """Call `func(*args, **kwargs)` under `component_name`'s circuit breaker.
 
         Raises `CircuitBreakerOpenError` ("Circuit breaker is OPEN ...") while it is open.
@@ -210,8 +220,8 @@ class TradingOrchestrator:
         if reg.breaker is None:
             result = func(*args, **kwargs)
             if inspect.isawaitable(result):
-                return await result  # type: ignore[no-any-return]
-            return result  # type: ignore[return-value]
+                return await result
+            return result
         try:
             return await reg.breaker.call(func, *args, **kwargs)
         finally:
@@ -286,9 +296,7 @@ class TradingOrchestrator:
             states.append(ComponentState.UNHEALTHY)
         elif cb_state is CircuitState.HALF_OPEN or failures > 0:
             states.append(ComponentState.DEGRADED)
-        if breaker is not None and breaker.last_error and cb_state is not CircuitState.CLOSED:
-            message = message or breaker.last_error
-        elif breaker is not None and failures > 0:
+        if breaker is not None and (cb_state is not CircuitState.CLOSED or failures > 0):
             message = message or breaker.last_error
         entry: dict[str, Any] = {
             "state": max(states, key=_severity).value,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from decimal import Decimal
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -145,7 +145,7 @@ class MonitoringSettings(BaseSettings):
 S = TypeVar("S", bound=BaseSettings)
 
 
-def load_settings(cls: type[S], **overrides: object) -> S:
+def load_settings(cls: type[S], **overrides: Any) -> S:
     """Build `cls` from the environment (and keyword overrides, by field name).
 
     Raises `SettingsError` naming each bad variable; secret values are never echoed.

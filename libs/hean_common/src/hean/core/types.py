@@ -267,8 +267,8 @@ class FrozenDict(dict[str, Any]):
         raise TypeError("event data is immutable; copy it with dict(event.data)")
 
     __setitem__ = __delitem__ = _readonly
-    clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
-    __ior__ = _readonly  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _readonly
+    __ior__ = _readonly
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
@@ -402,8 +402,8 @@ class Event(BaseModel):
     def __init__(self, **kwargs: Any) -> None:
         raw_type = kwargs.get("event_type")
         try:
-            event_type = EventType(raw_type.upper() if isinstance(raw_type, str) else raw_type)
-        except (ValueError, TypeError):
+            event_type = EventType(str(raw_type).upper())
+        except ValueError:
             raise InvalidEventError(f"unknown event type {raw_type!r}") from None
         data = kwargs.get("data")
         if data is None:

@@ -1,0 +1,145 @@
+"""The composition root every service process uses: `run_service(name, build)`.
+
+`build(ctx)` registers the service's components on `ctx.orchestrator` (and may subscribe
+through `ctx.bus`). `run_service` then loads settings (a bad value: one line naming the
+variable, exit status 2), sets up logging with secret redaction, the Redis bus, health
+snapshots, the `/health` + `/metrics` endpoint, and stops cleanly on SIGTERM/SIGINT
+(in-flight handlers finish, the outbox flushes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from hean.core.bus import EventBus
+from hean.core.health import HealthReporter, HealthServer
+from hean.core.logs import configure_logging
+from hean.core.metrics import Metrics
+from hean.core.orchestrator import TradingOrchestrator
+from hean.core.settings import CoreSettings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=CoreSettings)
+
+
+@dataclass
+class ServiceContext:
+    """Everything a service's `build` needs, constructed once in `main`."""
+
+    name: str
+    settings: CoreSettings
+    bus: EventBus
+    metrics: Metrics
+    orchestrator: TradingOrchestrator
+    redis: aioredis.Redis
+
+
+Build = Callable[[ServiceContext], Awaitable[None] | None]
+
+
+def load_service_settings(name: str, settings_cls: type[S]) -> S:
+    """Settings for service `name`; SERVICE_NAME defaults to it (the consumer group)."""
+    overrides: dict[str, Any] = {}
+    if not os.environ.get("SERVICE_NAME"):
+        overrides["SERVICE_NAME"] = name
+    return load_settings(settings_cls, **overrides)
+
+
+async def serve(
+    name: str,
+    build: Build,
+    settings: CoreSettings,
+    *,
+    stop_event: asyncio.Event | None = None,
+    ready: Callable[[ServiceContext, int], None] | None = None,
+) -> None:
+    """Run service `name` until `stop_event` is set (or SIGTERM/SIGINT)."""
+    metrics = Metrics()
+    bus = EventBus.redis(settings, metrics=metrics)
+    client = aioredis.Redis.from_url(
+        settings.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0
+    )
+    reporter = HealthReporter(
+        client, interval_s=settings.health_interval_s, ttl_s=settings.health_ttl_s
+    )
+    consumer = settings.consumer_name
+    orchestrator = TradingOrchestrator(
+        bus,
+        service_name=settings.service_name,
+        instance=consumer.split(":", 1)[1] if ":" in consumer else consumer,
+        metrics=metrics,
+        reporter=reporter,
+    )
+    ctx = ServiceContext(name, settings, bus, metrics, orchestrator, client)
+    result = build(ctx)
+    if inspect.isawaitable(result):
+        await result
+
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Not possible outside the main thread (tests run services in one loop).
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    server = HealthServer(
+        orchestrator.health,
+        metrics,
+        host=settings.health_host,
+        port=settings.health_port,
+        refresh=orchestrator.check_components,
+    )
+    await orchestrator.start()
+    port = await server.start()
+    log.info(
+        "%s running as %s; health and metrics on http://%s:%d (Redis %s)",
+        name,
+        consumer,
+        settings.health_host,
+        port,
+        settings.redis_url_redacted,
+    )
+    if ready is not None:
+        ready(ctx, port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("%s stopping", name)
+        await server.stop()
+        await orchestrator.stop()
+        await client.aclose()
+
+
+def run_service(
+    name: str,
+    build: Build,
+    *,
+    settings_cls: type[CoreSettings] = CoreSettings,
+) -> int:
+    """`main()` of a service process. Returns the exit status."""
+    try:
+        settings = load_service_settings(name, settings_cls)
+    except SettingsError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    try:
+        asyncio.run(serve(name, build, settings))
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0

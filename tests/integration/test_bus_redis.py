@@ -1,0 +1,329 @@
+"""The Redis Streams bus on a real redis-server: fan-out, work splitting, crash takeover,
+dead letters, outbox across a Redis restart, queue bound."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from hean.core.bus import BusState, EventBus, RedisBusConfig, RedisStreamsTransport
+from hean.core.errors import QueueFullError
+from hean.core.event_streams import DLQ_STREAM, RedisEventStream, stream_key
+from hean.core.metrics import Metrics
+from hean.core.types import Event, EventType
+from tests.conftest import RedisServer
+from tests.helpers import eventually
+
+PROCS = Path(__file__).parent / "procs"
+TICKS = stream_key(EventType.TICK)
+
+
+def tick(i: int, symbol: str = "BTC/USDT") -> Event:
+    return Event(
+        event_type=EventType.TICK,
+        data={"symbol": symbol, "price": Decimal(100) + i, "volume": 1, "seq": i},
+    )
+
+
+def make_bus(url: str, group: str, consumer: str | None = None, **overrides: object) -> EventBus:
+    values: dict[str, object] = {
+        "url": url,
+        "group": group,
+        "consumer": consumer or f"{group}-1",
+        "block_ms": 100,
+        "claim_idle_ms": 1000,
+        "claim_interval_ms": 200,
+        "retry_delay_ms": 20,
+        "group_start_id": "0",
+    }
+    values.update(overrides)
+    config = RedisBusConfig(**values)  # type: ignore[arg-type]
+    return EventBus(RedisStreamsTransport(config), metrics=Metrics(), source=config.consumer)
+
+
+@pytest.fixture
+async def buses() -> AsyncIterator[list[EventBus]]:
+    started: list[EventBus] = []
+    yield started
+    for bus in started:
+        await bus.stop(drain_timeout=2)
+
+
+async def test_bus_two_groups_each_receive_every_event(
+    redis_url: str, buses: list[EventBus]
+) -> None:
+    seen: dict[str, list[int]] = {"risk": [], "portfolio": []}
+    for group in seen:
+        bus = make_bus(redis_url, group)
+
+        def record(event: Event, group: str = group) -> None:
+            seen[group].append(event.data["seq"])
+
+        bus.subscribe(EventType.TICK, record)
+        await bus.start()
+        buses.append(bus)
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+
+    for i in range(300):
+        await publisher.publish(tick(i))
+    await publisher.flush(10)
+
+    await eventually(lambda: all(len(v) == 300 for v in seen.values()), message="both groups")
+    for received in seen.values():
+        assert received == list(range(300))  # one symbol: one worker, order kept
+
+
+async def test_bus_three_consumers_in_one_group_split_work_without_duplicates(
+    redis_url: str, buses: list[EventBus]
+) -> None:
+    handled: Counter[str] = Counter()
+    per_consumer: Counter[str] = Counter()
+    symbols = [f"SYM{i}/USDT" for i in range(12)]
+    for n in range(3):
+        name = f"ml-service-{n}"
+        bus = make_bus(redis_url, "ml-service", name, batch_size=5)
+
+        async def on_tick(event: Event, name: str = name) -> None:
+            handled[event.event_id] += 1
+            per_consumer[name] += 1
+            await asyncio.sleep(0.002)  # some work, so all three get a share
+
+        bus.subscribe(EventType.TICK, on_tick)
+        await bus.start()
+        buses.append(bus)
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+
+    ids = [(await publisher.publish(tick(i, symbols[i % 12]))).event_id for i in range(600)]
+    await publisher.flush(10)
+
+    await eventually(lambda: sum(handled.values()) >= 600, timeout=20, message="600 handled")
+    await asyncio.sleep(0.3)  # a late duplicate would show up here
+    assert set(handled) == set(ids)
+    assert max(handled.values()) == 1, "an event was handled twice in normal operation"
+    assert len(per_consumer) == 3 and min(per_consumer.values()) > 0, per_consumer
+
+
+async def test_bus_sigkilled_consumer_pending_events_taken_over_none_lost(
+    redis_url: str, redis_client: aioredis.Redis, subprocess_env: dict[str, str]
+) -> None:
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    ids = [(await publisher.publish(tick(i))).event_id for i in range(200)]
+    await publisher.flush(10)
+    await publisher.stop()
+
+    def spawn(name: str, handle_s: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, str(PROCS / "consumer.py"), redis_url, "workers", name, handle_s],
+            env=subprocess_env,
+        )
+
+    victim = spawn("victim", "0.05")
+    try:
+        await eventually(
+            lambda: _llen(redis_client, "handled", at_least=15), timeout=30, message="victim busy"
+        )
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    pending = await redis_client.xpending_range(TICKS, "workers", "-", "+", 1000, "victim")
+    assert pending, "the victim died holding no pending events; the test proved nothing"
+
+    survivor = spawn("survivor", "0.001")
+    try:
+        await eventually(
+            lambda: _all_handled(redis_client, set(ids)), timeout=60, message="every event handled"
+        )
+        await eventually(
+            lambda: _group_pending(redis_client, "workers", 0),
+            timeout=20,
+            message="nothing pending",
+        )
+    finally:
+        survivor.terminate()
+        survivor.wait(timeout=10)
+    handled_by = Counter(
+        b.decode()  # type: ignore[union-attr]
+        for b in await redis_client.lrange("handled_by", 0, -1)
+    )
+    assert handled_by["survivor"] >= len(pending)
+    dlq = await redis_client.xlen(DLQ_STREAM)
+    assert dlq == 0
+
+
+async def _llen(client: aioredis.Redis, key: str, at_least: int) -> bool:
+    return int(await client.llen(key)) >= at_least
+
+
+async def _all_handled(client: aioredis.Redis, ids: set[str]) -> bool:
+    handled = {b.decode() for b in await client.lrange("handled", 0, -1)}  # type: ignore[union-attr]
+    return ids <= handled
+
+
+async def _group_pending(client: aioredis.Redis, group: str, expected: int) -> bool:
+    info = await client.xpending(TICKS, group)
+    return int(info["pending"]) == expected
+
+
+async def test_bus_failing_handler_dead_lettered_with_error_and_consumer_continues(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    attempts: Counter[int] = Counter()
+    ok: list[int] = []
+
+    async def on_tick(event: Event) -> None:
+        seq = int(event.data["seq"])
+        attempts[seq] += 1
+        if seq == 3:
+            raise RuntimeError("exchange said no")
+        ok.append(seq)
+
+    bus = make_bus(redis_url, "strategy", max_deliveries=3)
+    bus.subscribe(EventType.TICK, on_tick, name="on_tick")
+    await bus.start()
+    buses.append(bus)
+    for i in range(10):
+        await bus.publish(tick(i, symbol=f"S{i}"))
+
+    await eventually(lambda: len(ok) == 9, message="the healthy events")
+    await eventually(
+        lambda: _stream_len(redis_client, DLQ_STREAM, 1), timeout=15, message="a dead letter"
+    )
+    async with RedisEventStream(redis_url) as stream:
+        [letter] = await stream.dead_letters()
+    assert letter.deliveries == 3
+    assert "RuntimeError: exchange said no" in letter.error
+    assert letter.group == "strategy" and letter.stream == TICKS
+    assert Event.from_json(letter.payload).data["seq"] == 3
+    assert attempts[3] == 3
+    await eventually(lambda: _group_pending_of(redis_client, "strategy", 0), message="acked")
+
+    # and it keeps consuming afterwards
+    await bus.publish(tick(42, symbol="LATE"))
+    await eventually(lambda: 42 in ok, message="an event after the dead letter")
+
+
+async def _stream_len(client: aioredis.Redis, key: str, expected: int) -> bool:
+    return int(await client.xlen(key)) == expected
+
+
+async def _group_pending_of(client: aioredis.Redis, group: str, expected: int) -> bool:
+    return int((await client.xpending(TICKS, group))["pending"]) == expected
+
+
+async def test_bus_malformed_entries_dead_lettered_at_once_and_consumer_continues(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    seen: list[int] = []
+    bus = make_bus(redis_url, "features")
+    bus.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+    await bus.start()
+    buses.append(bus)
+    await bus.publish(tick(1))
+    await eventually(lambda: seen == [1], message="first event")
+
+    bad_entries: list[dict[str, bytes | str]] = [
+        {"event": b"{not json"},
+        {"something": "else"},
+        {"event": b'{"event_type":"TICK","data":{"symbol":"X","price":"NaN"}}'},
+        {"event": b'{"event_type":"SIGNAL","data":{"symbol":"X","side":"BUY"}}'},
+        {"event": b"\xff\xfe invalid utf-8"},
+        {"event": b'{"event_type":"TICK","data":{"symbol":"X","price":-5}}'},
+    ]
+    for fields in bad_entries:
+        await redis_client.xadd(TICKS, fields)  # type: ignore[arg-type]
+    await bus.publish(tick(2))
+
+    await eventually(lambda: seen == [1, 2], message="the event after the bad ones")
+    await eventually(
+        lambda: _stream_len(redis_client, DLQ_STREAM, len(bad_entries)), message="dead letters"
+    )
+    async with RedisEventStream(redis_url) as stream:
+        letters = await stream.dead_letters()
+    assert all(letter.error.startswith("malformed:") for letter in letters)
+    assert all(letter.deliveries == 1 for letter in letters)
+    reasons = " | ".join(letter.error for letter in letters)
+    assert "not valid JSON" in reasons
+    assert "no 'event' field" in reasons
+    assert "finite number" in reasons
+    assert "SIGNAL event written to the TICK stream" in reasons
+    assert "greater than 0" in reasons
+
+
+async def test_bus_outbox_survives_redis_restart_in_order_and_bounded(
+    redis_factory: Callable[..., RedisServer], buses: list[EventBus]
+) -> None:
+    server = redis_factory(appendonly=True)
+    received: list[int] = []
+    consumer = make_bus(server.url, "portfolio", reconnect_max_s=0.2)
+    consumer.subscribe(EventType.TICK, lambda e: received.append(e.data["seq"]))
+    await consumer.start()
+    buses.append(consumer)
+    publisher = make_bus(server.url, "market-data", max_queue_size=300, reconnect_max_s=0.2)
+    await publisher.start()
+    buses.append(publisher)
+
+    for i in range(100):
+        await publisher.publish(tick(i))
+    await eventually(lambda: len(received) == 100, message="before the outage")
+
+    server.stop()
+    for i in range(100, 300):  # 200 events while Redis is down: they wait in the outbox
+        await publisher.publish(tick(i))
+    await eventually(
+        lambda: publisher.health().state is BusState.DEGRADED, message="degraded health"
+    )
+    assert publisher.health().outbox_size == 200
+    assert "Redis unreachable" in (publisher.health().error_message or "")
+
+    # Redis is still down: the bound holds and says so clearly.
+    for i in range(300, 400):
+        await publisher.publish(tick(i))
+    with pytest.raises(QueueFullError, match="Queue is full"):
+        await publisher.publish(tick(400))
+    assert publisher.health().state is BusState.UNHEALTHY
+
+    server.start()
+    await publisher.flush(30)
+    await eventually(lambda: len(received) == 400, timeout=30, message="after the restart")
+    assert received == list(range(400))
+    assert publisher.health().state is BusState.HEALTHY
+
+
+async def test_bus_redis_restart_without_persistence_recreates_group(
+    redis_factory: Callable[..., RedisServer], buses: list[EventBus]
+) -> None:
+    server = redis_factory(appendonly=False)
+    received: list[int] = []
+    consumer = make_bus(server.url, "risk", reconnect_max_s=0.2)
+    consumer.subscribe(EventType.TICK, lambda e: received.append(e.data["seq"]))
+    await consumer.start()
+    buses.append(consumer)
+    publisher = make_bus(server.url, "market-data", reconnect_max_s=0.2)
+    await publisher.start()
+    buses.append(publisher)
+    await publisher.publish(tick(0))
+    await eventually(lambda: received == [0], message="first event")
+
+    server.stop()
+    server.start()  # empty: streams and groups are gone (NOGROUP)
+    for i in range(1, 20):
+        await publisher.publish(tick(i))
+    await publisher.flush(30)
+    await eventually(lambda: received == list(range(20)), timeout=30, message="after NOGROUP")
