@@ -213,6 +213,12 @@ def _load(path: Path, *, allow_pickle: bool, intra_op_threads: int) -> _Loaded:
         data = path.read_bytes()
     except OSError as exc:
         raise ModelLoadError(f"cannot read model file {path}: {exc}") from exc
+    is_pickle = _is_pickle(path, data)
+    if is_pickle and not allow_pickle:
+        raise ModelLoadError(
+            f"refusing to load pickle {path}: unpickling runs code from the file. "
+            "Use an ONNX or LightGBM text model, or pass allow_pickle=True if you trust it"
+        )
     sha = hashlib.sha256(data).hexdigest()
     card = ModelCard.load(card_path) if card_path.exists() else None
     if card is not None and card.model_sha256 is not None and card.model_sha256 != sha:
@@ -222,12 +228,7 @@ def _load(path: Path, *, allow_pickle: bool, intra_op_threads: int) -> _Loaded:
         )
 
     backend: _Backend
-    if _is_pickle(path, data):
-        if not allow_pickle:
-            raise ModelLoadError(
-                f"refusing to load pickle {path}: unpickling runs code from the file. "
-                "Use an ONNX or LightGBM text model, or pass allow_pickle=True if you trust it"
-            )
+    if is_pickle:
         if card is None:
             raise ModelLoadError(f"model card {card_path} not found (required for a pickle)")
         model = pickle.loads(data)  # noqa: S301 - explicitly allowed by the caller
