@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
 from hean.core.candles import Candle, bundled_data_path, load_candles
 from hean.core.features import (
     FEATURE_NAMES,
@@ -27,7 +29,6 @@ from hean.core.features import (
     _RollingMoments,
     compute_feature_rows,
 )
-from numpy.lib.stride_tricks import sliding_window_view
 
 PARITY_TOLERANCE = 1e-9
 
@@ -159,8 +160,8 @@ def test_streaming_features_real_data_equal_batch_implementation(
     expected = batch.iloc[WARMUP_BARS - 1 :].reset_index(drop=True)[list(FEATURE_NAMES)]
     assert not expected.isna().any().any()
     diff = (stream - expected).abs().max()
-    worst = diff.idxmax()
-    assert diff.max() <= PARITY_TOLERANCE, f"{worst} differs by {diff[worst]:.3e}"
+    worst = str(diff.idxmax())
+    assert diff.max() <= PARITY_TOLERANCE, f"{worst} differs by {diff.max():.3e}"
 
 
 def test_feature_engine_before_warmup_returns_none(candles: tuple[Candle, ...]) -> None:
