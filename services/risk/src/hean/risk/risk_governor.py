@@ -1,0 +1,535 @@
+"""`RiskGovernor`: the risk service's core. Sizing, pre-trade checks and the kill switch.
+
+No I/O and no clock: time comes with each event (`timestamp_ns`). The wiring module
+(`hean.risk.service`) feeds it events, persists the kill switch and publishes its outputs.
+
+Checks, in order, on every ORDER_REQUEST (an order is approved only if all pass):
+
+1. kill switch active -> only orders that reduce a position pass;
+2. `reduce_only` orders must really reduce (never increase or flip);
+3. daily drawdown from the UTC day's starting equity below `daily_drawdown_limit`;
+4. a price is known (the order's limit price, else the last mark);
+5. notional >= `min_order_notional`;
+6. worst-case post-trade notional of the symbol <= `max_position_size`;
+7. worst-case post-trade gross exposure <= `max_total_exposure`;
+8. that exposure / equity <= `max_leverage`;
+9. every check registered with `register_check` (sync) or `check_bus` (the guide's
+   subscriber style) approves.
+
+Orders that reduce a position skip 3 and 5-8 (reducing never breaks a limit further).
+"Worst case" counts approved orders that are not filled yet: the symbol's exposure is the
+larger of |position + all pending buys| and |position + all pending sells|, so no subset
+of pending orders filling can take a position past a limit.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import decimal
+import inspect
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import ROUND_DOWN, Decimal
+from typing import Any
+
+from hean.core.types import Event, EventType, OrderRequestData, Side
+from hean.risk.kelly import KellyParams, bet_fraction, shrunk_payoff_ratio
+
+ZERO = Decimal(0)
+ONE = Decimal(1)
+NS_PER_DAY = 86_400 * 1_000_000_000
+_CTX = decimal.Context(prec=40)
+
+
+@dataclass(frozen=True, slots=True)
+class RiskLimits:
+    max_position_size: Decimal  # USDT notional per symbol
+    max_leverage: Decimal
+    daily_drawdown_limit: Decimal  # 0.05 = 5% of the day's starting equity
+    max_total_exposure: Decimal | None = None  # USDT gross; None: only leverage binds
+    min_order_notional: Decimal = Decimal(5)
+    size_step: Decimal = Decimal("0.000001")
+
+    def __post_init__(self) -> None:
+        if self.max_position_size <= 0 or self.max_leverage <= 0:
+            raise ValueError("max position size and max leverage must be > 0")
+        if not ZERO < self.daily_drawdown_limit < ONE:
+            raise ValueError("daily drawdown limit must be in (0, 1)")
+        if self.max_total_exposure is not None and self.max_total_exposure <= 0:
+            raise ValueError("max total exposure must be > 0")
+        if self.min_order_notional < 0 or self.size_step <= 0:
+            raise ValueError("min order notional must be >= 0 and size step > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class KillSwitchState:
+    active: bool = False
+    reason: str = ""
+    timestamp_ns: int = 0
+
+    def to_mapping(self) -> dict[str, str]:
+        return {
+            "active": "1" if self.active else "0",
+            "reason": self.reason,
+            "timestamp": str(self.timestamp_ns),
+        }
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, str]) -> KillSwitchState:
+        return cls(
+            active=raw.get("active") == "1",
+            reason=raw.get("reason", ""),
+            timestamp_ns=int(raw.get("timestamp") or 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    order_id: str
+    approved: bool
+    reasons: tuple[str, ...] = ()
+    order: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons) if self.reasons else "approved"
+
+
+@dataclass(frozen=True, slots=True)
+class SizedOrder:
+    """An ORDER_REQUEST built from a SIGNAL."""
+
+    order_id: str
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NoOrder:
+    """A SIGNAL that yields no order, and why."""
+
+    signal_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RiskView:
+    """What a custom check sees: a read-only summary of the governor's state."""
+
+    equity: Decimal
+    day_start_equity: Decimal
+    positions: Mapping[str, Decimal]
+    marks: Mapping[str, Decimal]
+    kill_switch: KillSwitchState
+
+
+RiskCheckFn = Callable[[OrderRequestData, RiskView], str | None]
+
+
+@dataclass(slots=True)
+class _Reservation:
+    symbol: str
+    signed_qty: Decimal  # what is still unfilled, signed
+
+
+_ballot: contextvars.ContextVar[list[tuple[bool, str]] | None] = contextvars.ContextVar(
+    "hean_risk_ballot", default=None
+)
+
+EventHandler = Callable[[Event], Awaitable[None] | None]
+
+
+class CheckBus:
+    """The bus a guide-style custom check gets: its ORDER_APPROVED / ORDER_REJECTED are votes.
+
+    ```python
+    check = CustomRiskCheck(governor.check_bus("custom"))
+    await check.start()   # subscribes to ORDER_REQUEST on this CheckBus
+    ```
+    The governor calls the check for each ORDER_REQUEST that passed the built-in checks;
+    publishing ORDER_APPROVED is a yes, ORDER_REJECTED a no (with its reason), nothing a no.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.handlers: list[EventHandler] = []
+
+    def subscribe(self, event_type: EventType, handler: EventHandler, **_: Any) -> None:
+        if EventType(event_type) is not EventType.ORDER_REQUEST:
+            raise ValueError(f"risk check {self.name!r} can only subscribe to ORDER_REQUEST")
+        self.handlers.append(handler)
+
+    async def publish(self, event: Event) -> Event:
+        ballot = _ballot.get()
+        if ballot is None:
+            raise RuntimeError(f"risk check {self.name!r} published outside an order check")
+        if event.event_type is EventType.ORDER_APPROVED:
+            ballot.append((True, ""))
+        elif event.event_type is EventType.ORDER_REJECTED:
+            ballot.append((False, str(event.data.get("reason") or "rejected")))
+        else:
+            raise ValueError(f"risk check {self.name!r} may only approve or reject orders")
+        return event
+
+
+class RiskGovernor:
+    """Sizing (SIGNAL -> ORDER_REQUEST), checks (ORDER_REQUEST -> Decision), kill switch."""
+
+    def __init__(
+        self,
+        limits: RiskLimits,
+        *,
+        starting_equity: Decimal,
+        kelly: KellyParams | None = None,
+        decision_cache_size: int = 10_000,
+    ) -> None:
+        if starting_equity <= 0:
+            raise ValueError("starting equity must be > 0")
+        self.limits = limits
+        self.kelly = kelly or KellyParams()
+        self.equity = starting_equity
+        self.day: int | None = None
+        self.day_start_equity = starting_equity
+        self.positions: dict[str, Decimal] = {}
+        self.marks: dict[str, Decimal] = {}
+        self.kill_switch = KillSwitchState()
+        self.observed_payoff: Decimal | None = None
+        self.closed_trades = 0
+        self._reserved: dict[str, _Reservation] = {}
+        self._seen_fills: set[str] = set()
+        self._decisions: OrderedDict[str, Decision] = OrderedDict()
+        self._cache_size = decision_cache_size
+        self._checks: list[tuple[str, RiskCheckFn]] = []
+        self._check_buses: list[CheckBus] = []
+
+    # --- plug-ins ----------------------------------------------------------------------------
+
+    def register_check(self, name: str, check: RiskCheckFn) -> None:
+        """Add a sync check: `check(order, view)` returns a rejection reason or None."""
+        self._checks.append((name, check))
+
+    def check_bus(self, name: str) -> CheckBus:
+        """A `CheckBus` for a guide-style check class; its votes join every decision."""
+        bus = CheckBus(name)
+        self._check_buses.append(bus)
+        return bus
+
+    @property
+    def check_names(self) -> list[str]:
+        return [n for n, _ in self._checks] + [b.name for b in self._check_buses]
+
+    # --- state from events --------------------------------------------------------------------
+
+    def on_mark(self, symbol: str, price: Decimal) -> None:
+        if price > 0:
+            self.marks[symbol] = price
+
+    def on_fill(
+        self, order_id: str, symbol: str, side: Side, qty: Decimal, price: Decimal, key: str
+    ) -> bool:
+        """Apply a fill (deduplicated by `key`); False if seen before."""
+        if key in self._seen_fills:
+            return False
+        self._seen_fills.add(key)
+        signed = qty if side is Side.BUY else -qty
+        self.positions[symbol] = self.positions.get(symbol, ZERO) + signed
+        self.marks.setdefault(symbol, price)
+        res = self._reserved.get(order_id)
+        if res is not None:
+            left = res.signed_qty - signed
+            if left == 0 or (left > 0) != (res.signed_qty > 0):
+                del self._reserved[order_id]
+            else:
+                res.signed_qty = left
+        return True
+
+    def on_order_closed(self, order_id: str) -> None:
+        """An order was cancelled or rejected downstream: release what it reserved."""
+        self._reserved.pop(order_id, None)
+
+    def on_pnl(self, data: Mapping[str, Any], timestamp_ns: int) -> KillSwitchState | None:
+        """Take equity, marks and trade statistics from a PNL_UPDATE.
+
+        Returns the new kill-switch state if this update breached the daily drawdown limit.
+        """
+        equity = _decimal(data.get("equity"))
+        if equity is not None:
+            self.roll_day(timestamp_ns)
+            self.equity = equity
+        positions = data.get("positions")
+        if isinstance(positions, Mapping):
+            for symbol, pos in positions.items():
+                if isinstance(pos, Mapping):
+                    mark = _decimal(pos.get("mark_price"))
+                    if mark is not None:
+                        self.on_mark(str(symbol), mark)
+        stats = data.get("trade_stats")
+        if isinstance(stats, Mapping):
+            self.observed_payoff = _decimal(stats.get("payoff_ratio"))
+            self.closed_trades = int(stats.get("closed_trades") or 0)
+        if self.drawdown >= self.limits.daily_drawdown_limit:
+            return self.trigger_kill_switch(
+                f"daily drawdown {self.drawdown:.4%} reached the limit "
+                f"{self.limits.daily_drawdown_limit:.2%}",
+                timestamp_ns,
+            )
+        return None
+
+    def roll_day(self, timestamp_ns: int) -> bool:
+        """Start a new UTC day at the current equity if `timestamp_ns` is in a later day."""
+        day = timestamp_ns // NS_PER_DAY
+        if self.day is None or day > self.day:
+            self.day = day
+            self.day_start_equity = self.equity
+            return True
+        return False
+
+    @property
+    def drawdown(self) -> Decimal:
+        if self.day_start_equity <= 0:
+            return ONE
+        return max(ZERO, _CTX.divide(self.day_start_equity - self.equity, self.day_start_equity))
+
+    # --- kill switch -------------------------------------------------------------------------
+
+    def trigger_kill_switch(self, reason: str, timestamp_ns: int) -> KillSwitchState | None:
+        """Activate the kill switch; returns the new state, or None if it was already on."""
+        if self.kill_switch.active:
+            return None
+        self.kill_switch = KillSwitchState(True, reason, timestamp_ns)
+        return self.kill_switch
+
+    def reset_kill_switch(self, timestamp_ns: int) -> bool:
+        """Clear the kill switch (explicit command only). The day restarts at current equity
+        so the same drawdown does not trip it again at once."""
+        if not self.kill_switch.active:
+            return False
+        self.kill_switch = KillSwitchState(False, "", timestamp_ns)
+        self.day = timestamp_ns // NS_PER_DAY
+        self.day_start_equity = self.equity
+        return True
+
+    # --- sizing ------------------------------------------------------------------------------
+
+    def size_signal(self, signal: Event) -> SizedOrder | NoOrder:
+        """SIGNAL -> ORDER_REQUEST data sized by fractional Kelly, or why there is none.
+
+        The order id is derived from the signal's event id, so a redelivered signal sizes to
+        the same order id (and execution places it at most once).
+        """
+        data = signal.data
+        symbol = str(data["symbol"])
+        side = Side(data["side"])
+        order_id = order_id_for_signal(signal.event_id)
+        p = _win_probability(data, self.kelly.default_win_probability)
+        b = shrunk_payoff_ratio(
+            self.observed_payoff,
+            self.closed_trades,
+            self.kelly.prior_payoff,
+            self.kelly.prior_trades,
+        )
+        share = bet_fraction(p, b, self.kelly)
+        if share <= 0:
+            return NoOrder(signal.event_id, f"Kelly fraction <= 0 (p={p}, b={b:.4f})")
+        price = _decimal(data.get("price")) or self.marks.get(symbol)
+        if price is None or price <= 0:
+            return NoOrder(signal.event_id, f"no market price for {symbol}")
+        notional = min(_CTX.multiply(self.equity, share), self.limits.max_position_size)
+        size = _CTX.divide(notional, price).quantize(self.limits.size_step, rounding=ROUND_DOWN)
+        requested = _decimal(data.get("size"))
+        if requested is not None and requested > 0:
+            size = min(size, requested)
+        if size <= 0:
+            return NoOrder(signal.event_id, f"size rounds to 0 at price {price}")
+        order: dict[str, Any] = {
+            key: data[key]
+            for key in ("type", "price", "duration_s", "slices", "display_size", "reduce_only")
+            if data.get(key) is not None
+        }
+        order.update(
+            {
+                "order_id": order_id,
+                "symbol": symbol,
+                "side": side.value,
+                "size": size,
+                "signal_id": signal.event_id,
+                "reference_price": price,
+                "win_probability": p,
+                "payoff_ratio": _round(b),
+                "kelly_share": _round(share),
+            }
+        )
+        return SizedOrder(order_id, order)
+
+    # --- checks ------------------------------------------------------------------------------
+
+    def view(self) -> RiskView:
+        return RiskView(
+            equity=self.equity,
+            day_start_equity=self.day_start_equity,
+            positions=dict(self.positions),
+            marks=dict(self.marks),
+            kill_switch=self.kill_switch,
+        )
+
+    def is_reducing(self, symbol: str, side: Side, size: Decimal) -> bool:
+        position = self.positions.get(symbol, ZERO)
+        signed = size if side is Side.BUY else -size
+        return position != 0 and (position > 0) != (signed > 0) and size <= abs(position)
+
+    def evaluate(self, order: OrderRequestData, timestamp_ns: int) -> Decision:
+        """Run the built-in and registered sync checks (no state change)."""
+        reasons: list[str] = []
+        symbol, side, size = order.symbol, order.side, order.size
+        reducing = self.is_reducing(symbol, side, size)
+        if self.kill_switch.active and not reducing:
+            reasons.append(f"kill switch active: {self.kill_switch.reason}")
+        if order.reduce_only and not reducing:
+            reasons.append("reduce-only order would increase or flip the position")
+        price = order.price or self.marks.get(symbol)
+        if not reducing:
+            self.roll_day(timestamp_ns)
+            if self.drawdown >= self.limits.daily_drawdown_limit:
+                reasons.append(
+                    f"daily drawdown {self.drawdown:.4%} >= limit "
+                    f"{self.limits.daily_drawdown_limit:.2%}"
+                )
+            if price is None:
+                reasons.append(f"no market price for {symbol}")
+            else:
+                reasons.extend(self._limit_reasons(symbol, side, size, price))
+        if not reasons:
+            view = self.view()
+            for name, check in self._checks:
+                verdict = check(order, view)
+                if verdict:
+                    reasons.append(f"{name}: {verdict}")
+        return Decision(order.order_id, not reasons, tuple(reasons), _order_dict(order))
+
+    def _limit_reasons(self, symbol: str, side: Side, size: Decimal, price: Decimal) -> list[str]:
+        reasons: list[str] = []
+        lim = self.limits
+        notional = size * price
+        if notional < lim.min_order_notional:
+            reasons.append(f"order notional {notional:.2f} below minimum {lim.min_order_notional}")
+        signed = size if side is Side.BUY else -size
+        symbol_after = self.worst_case_notional(symbol, price, extra=signed)
+        if symbol_after > lim.max_position_size:
+            reasons.append(
+                f"position {symbol} would reach {symbol_after:.2f} USDT > MAX_POSITION_SIZE "
+                f"{lim.max_position_size}"
+            )
+        others = sum(
+            (
+                self.worst_case_notional(s, self.marks.get(s, ZERO))
+                for s in self._symbols()
+                if s != symbol
+            ),
+            ZERO,
+        )
+        exposure = others + symbol_after
+        if lim.max_total_exposure is not None and exposure > lim.max_total_exposure:
+            reasons.append(
+                f"total exposure would reach {exposure:.2f} USDT > {lim.max_total_exposure}"
+            )
+        if self.equity <= 0:
+            reasons.append(f"equity {self.equity} is not positive")
+        elif _CTX.divide(exposure, self.equity) > lim.max_leverage:
+            reasons.append(
+                f"leverage would reach {_CTX.divide(exposure, self.equity):.2f}x > "
+                f"MAX_LEVERAGE {lim.max_leverage}"
+            )
+        return reasons
+
+    def _symbols(self) -> set[str]:
+        return set(self.positions) | {r.symbol for r in self._reserved.values()}
+
+    def worst_case_notional(self, symbol: str, price: Decimal, extra: Decimal = ZERO) -> Decimal:
+        """Largest |position| if any subset of pending orders (plus `extra`) fills, x price."""
+        position = self.positions.get(symbol, ZERO)
+        pending = [r.signed_qty for r in self._reserved.values() if r.symbol == symbol]
+        buys = sum((q for q in pending if q > 0), ZERO)
+        sells = sum((q for q in pending if q < 0), ZERO)
+        high = position + buys + max(extra, ZERO)
+        low = position + sells + min(extra, ZERO)
+        return max(abs(high), abs(low)) * price
+
+    async def decide(self, request: Event) -> Decision:
+        """ORDER_REQUEST -> Decision, including the subscriber-style checks' votes.
+
+        The same order id always gets the same decision (a redelivered request is answered
+        from a bounded cache and reserves nothing twice).
+        """
+        order = OrderRequestData.model_validate(dict(request.data))
+        cached = self._decisions.get(order.order_id)
+        if cached is not None:
+            return cached
+        decision = self.evaluate(order, request.timestamp)
+        if decision.approved:
+            reasons = await self._vote(request)
+            if reasons:
+                decision = replace(decision, approved=False, reasons=tuple(reasons))
+        cached = self._decisions.get(order.order_id)  # a concurrent duplicate finished first
+        if cached is not None:
+            return cached
+        self._remember(decision)
+        if decision.approved:
+            signed = order.size if order.side is Side.BUY else -order.size
+            self._reserved[order.order_id] = _Reservation(order.symbol, signed)
+        return decision
+
+    async def _vote(self, request: Event) -> list[str]:
+        reasons: list[str] = []
+        for bus in self._check_buses:
+            for handler in bus.handlers:
+                ballot: list[tuple[bool, str]] = []
+                token = _ballot.set(ballot)
+                try:
+                    result = handler(request)
+                    if inspect.isawaitable(result):
+                        await result
+                finally:
+                    _ballot.reset(token)
+                if not ballot:
+                    reasons.append(f"{bus.name}: no verdict")
+                elif not all(ok for ok, _ in ballot):
+                    reasons.extend(f"{bus.name}: {why}" for ok, why in ballot if not ok)
+        return reasons
+
+    def _remember(self, decision: Decision) -> None:
+        self._decisions[decision.order_id] = decision
+        while len(self._decisions) > self._cache_size:
+            self._decisions.popitem(last=False)
+
+
+def order_id_for_signal(signal_event_id: str) -> str:
+    """Deterministic order id of the order sized from a signal (<= 36 chars for venues)."""
+    return f"o{signal_event_id}"[:36]
+
+
+def _win_probability(data: Mapping[str, Any], default: Decimal) -> Decimal:
+    for key in ("signal_strength", "confidence", "win_probability"):
+        value = data.get(key)
+        if value is not None:
+            p = Decimal(str(value))
+            if ZERO <= p <= ONE:
+                return p
+    return default
+
+
+def _decimal(value: Any) -> Decimal | None:
+    if value is None or value == "":
+        return None
+    try:
+        result = Decimal(str(value))
+    except decimal.InvalidOperation:
+        return None
+    return result if result.is_finite() else None
+
+
+def _round(value: Decimal) -> Decimal:
+    return value.quantize(Decimal("1e-8"))
+
+
+def _order_dict(order: OrderRequestData) -> dict[str, Any]:
+    return order.model_dump(mode="python")

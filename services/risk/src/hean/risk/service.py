@@ -1,0 +1,428 @@
+"""Risk wiring: SIGNAL -> ORDER_REQUEST, ORDER_REQUEST -> ORDER_APPROVED | ORDER_REJECTED.
+
+Durable state in Redis (keys `hean:risk:*`):
+
+- `hean:risk:killswitch` (hash: active, reason, timestamp, announced): written before
+  KILLSWITCH_TRIGGERED is published, read at start. A switch found active but not
+  announced (a crash between the two) is announced again at start.
+- `hean:risk:day` (hash: day, start_equity): the UTC day and its starting equity.
+- `hean:risk:commands` (stream): the command path for the gateway and operators.
+  `XADD hean:risk:commands * command trigger reason "<why>"` or `command reset`. Read through
+  the consumer group `risk`, acked after the command is applied.
+
+At start the governor is rebuilt from Redis: kill switch and day from the hashes above,
+positions by replaying the ORDER_FILLED stream (deduplicated by fill id), equity, marks and
+trade statistics from the last PNL_UPDATE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from decimal import Decimal
+from typing import Annotated, Any, cast
+
+import redis.asyncio as aioredis
+from pydantic import Field
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from hean.core.bus import EventBus
+from hean.core.errors import PermanentError
+from hean.core.event_streams import (
+    RedisEventStream,
+    as_str,
+    decode_entry,
+    ensure_group,
+    stream_key,
+)
+from hean.core.metrics import Metrics
+from hean.core.service import ServiceContext
+from hean.core.settings import CoreSettings, RiskSettings
+from hean.core.types import Event, EventType, Side
+from hean.risk.kelly import KellyParams
+from hean.risk.risk_governor import KillSwitchState, NoOrder, RiskGovernor, RiskLimits
+
+log = logging.getLogger(__name__)
+
+KILLSWITCH_KEY = "hean:risk:killswitch"
+DAY_KEY = "hean:risk:day"
+COMMAND_STREAM = "hean:risk:commands"
+COMMAND_GROUP = "risk"
+
+UnitDecimal = Annotated[Decimal, Field(gt=0, le=1, allow_inf_nan=False)]
+PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
+
+
+class RiskServiceSettings(CoreSettings, RiskSettings):
+    starting_equity: PositiveDecimal = Field(default=Decimal("10000"), alias="STARTING_EQUITY")
+    max_total_exposure: PositiveDecimal | None = Field(default=None, alias="MAX_TOTAL_EXPOSURE")
+    min_order_notional: Annotated[Decimal, Field(ge=0, allow_inf_nan=False)] = Field(
+        default=Decimal("5"), alias="MIN_ORDER_NOTIONAL"
+    )
+    order_size_step: PositiveDecimal = Field(default=Decimal("0.000001"), alias="ORDER_SIZE_STEP")
+    kelly_fraction: UnitDecimal = Field(default=Decimal("0.25"), alias="KELLY_FRACTION")
+    kelly_max_fraction: UnitDecimal = Field(default=Decimal("0.2"), alias="KELLY_MAX_FRACTION")
+    kelly_prior_payoff: PositiveDecimal = Field(default=Decimal("1"), alias="KELLY_PRIOR_PAYOFF")
+    kelly_prior_trades: Annotated[int, Field(ge=0)] = Field(default=20, alias="KELLY_PRIOR_TRADES")
+    kelly_default_win_probability: Annotated[Decimal, Field(ge=0, le=1)] = Field(
+        default=Decimal("0.55"), alias="KELLY_DEFAULT_WIN_PROBABILITY"
+    )
+    risk_command_block_ms: Annotated[int, Field(ge=10, le=2000)] = Field(
+        default=200, alias="RISK_COMMAND_BLOCK_MS"
+    )
+
+    def limits(self) -> RiskLimits:
+        return RiskLimits(
+            max_position_size=self.max_position_size,
+            max_leverage=self.max_leverage,
+            daily_drawdown_limit=self.daily_drawdown_limit,
+            max_total_exposure=self.max_total_exposure,
+            min_order_notional=self.min_order_notional,
+            size_step=self.order_size_step,
+        )
+
+    def kelly(self) -> KellyParams:
+        return KellyParams(
+            fraction=self.kelly_fraction,
+            max_fraction=self.kelly_max_fraction,
+            prior_payoff=self.kelly_prior_payoff,
+            prior_trades=self.kelly_prior_trades,
+            default_win_probability=self.kelly_default_win_probability,
+        )
+
+
+class RiskService:
+    """Subscribes the governor to the bus, persists the kill switch, serves commands."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        governor: RiskGovernor,
+        *,
+        redis: aioredis.Redis | None = None,
+        redis_url: str | None = None,
+        metrics: Metrics | None = None,
+        consumer: str = "risk:local",
+        command_block_ms: int = 200,
+        rebuild: bool = True,
+    ) -> None:
+        self.bus = bus
+        self.governor = governor
+        self.redis = redis
+        self.redis_url = redis_url
+        self.metrics = metrics
+        self.consumer = consumer
+        self.command_block_ms = command_block_ms
+        self.rebuild_on_start = rebuild
+        self._command_task: asyncio.Task[None] | None = None
+        self._command_client: aioredis.Redis | None = None
+        self._running = False
+        self._last_error: str | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.redis is not None:
+            await self.restore()
+        b = self.bus
+        b.subscribe(EventType.SIGNAL, self.on_signal, name="risk.on_signal")
+        b.subscribe(EventType.ORDER_REQUEST, self.on_order_request, name="risk.on_order_request")
+        b.subscribe(EventType.ORDER_FILLED, self.on_fill, name="risk.on_fill")
+        b.subscribe(EventType.ORDER_CANCELLED, self.on_order_closed, name="risk.on_cancelled")
+        b.subscribe(EventType.ORDER_REJECTED, self.on_order_closed, name="risk.on_rejected")
+        b.subscribe(EventType.PNL_UPDATE, self.on_pnl, name="risk.on_pnl")
+        b.subscribe(EventType.TICK, self.on_tick, name="risk.on_tick")
+        b.subscribe(EventType.CANDLE, self.on_candle, name="risk.on_candle")
+        if self.redis is not None and self.redis_url is not None:
+            self._running = True
+            self._command_task = asyncio.create_task(self._command_loop(), name="risk-commands")
+        self._update_metrics()
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._command_task is not None:
+            await asyncio.wait([self._command_task], timeout=self.command_block_ms / 1000 + 5)
+            if not self._command_task.done():
+                self._command_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._command_task
+            self._command_task = None
+        if self._command_client is not None:
+            await self._command_client.aclose()
+            self._command_client = None
+
+    def health_check(self) -> dict[str, Any]:
+        if self._last_error:
+            return {"state": "degraded", "error_message": self._last_error}
+        if self.governor.kill_switch.active:
+            return {
+                "state": "degraded",
+                "error_message": f"kill switch active: {self.governor.kill_switch.reason}",
+            }
+        return {"state": "healthy"}
+
+    async def restore(self) -> None:
+        """Rebuild the governor from Redis (see the module docstring)."""
+        assert self.redis is not None
+        gov = self.governor
+        raw = await self.redis.hgetall(KILLSWITCH_KEY)
+        state = {as_str(k): as_str(v) for k, v in raw.items()}
+        if state:
+            gov.kill_switch = KillSwitchState.from_mapping(state)
+        day = {as_str(k): as_str(v) for k, v in (await self.redis.hgetall(DAY_KEY)).items()}
+        if day.get("day"):
+            gov.day = int(day["day"])
+            gov.day_start_equity = Decimal(day["start_equity"])
+        stream = RedisEventStream(self.redis_url or "redis://localhost", client=self.redis)
+        group = self.consumer.split(":", 1)[0]
+        await ensure_group(self.redis, stream_key(EventType.ORDER_FILLED), group, start_id="0")
+        fills = 0
+        async for event in stream.replay_events(EventType.ORDER_FILLED):
+            fills += self._apply_fill(event)
+        last = await self.redis.xrevrange(stream_key(EventType.PNL_UPDATE), count=1)
+        if last:
+            pnl = decode_entry(stream_key(EventType.PNL_UPDATE), cast(Any, last[0][1]))
+            triggered = gov.on_pnl(pnl.data, pnl.timestamp)
+            if triggered is not None:
+                await self._persist_and_announce(triggered)
+            elif gov.kill_switch.active and state.get("announced") != "1":
+                await self._announce(gov.kill_switch)
+        elif gov.kill_switch.active and state.get("announced") != "1":
+            await self._announce(gov.kill_switch)
+        log.info(
+            "risk restored: %d fills, equity %s, kill switch %s",
+            fills,
+            gov.equity,
+            "ACTIVE" if gov.kill_switch.active else "off",
+        )
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    async def on_signal(self, event: Event) -> None:
+        result = self.governor.size_signal(event)
+        if isinstance(result, NoOrder):
+            log.info("signal %s: no order: %s", event.event_id, result.reason)
+            if self.metrics is not None:
+                self.metrics.orders_rejected_total.labels("risk", "sizing").inc()
+            return
+        await self.bus.publish(Event(event_type=EventType.ORDER_REQUEST, data=result.data))
+
+    async def on_order_request(self, event: Event) -> None:
+        decision = await self.governor.decide(event)
+        await self._save_day()
+        if decision.approved:
+            await self.bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=decision.order))
+            return
+        if self.metrics is not None:
+            self.metrics.orders_rejected_total.labels("risk", _reason_label(decision.reason)).inc()
+        log.info("order %s rejected: %s", decision.order_id, decision.reason)
+        await self.bus.publish(
+            Event(
+                event_type=EventType.ORDER_REJECTED,
+                data={
+                    "order_id": decision.order_id,
+                    "reason": decision.reason,
+                    "rejected_by": "risk",
+                    "symbol": decision.order.get("symbol"),
+                },
+            )
+        )
+
+    def _apply_fill(self, event: Event) -> bool:
+        data = event.data
+        if not data.get("symbol") or data.get("side") is None:
+            return False
+        key = str(
+            data.get("fill_id") or f"{data['order_id']}:{data['filled_qty']}:{data['fill_price']}"
+        )
+        return self.governor.on_fill(
+            str(data["order_id"]),
+            str(data["symbol"]),
+            Side(data["side"]),
+            Decimal(data["filled_qty"]),
+            Decimal(data["fill_price"]),
+            key,
+        )
+
+    async def on_fill(self, event: Event) -> None:
+        if not event.data.get("symbol") or event.data.get("side") is None:
+            raise PermanentError(f"fill {event.event_id} has no symbol or side")
+        self._apply_fill(event)
+        self._update_metrics()
+
+    async def on_order_closed(self, event: Event) -> None:
+        if event.data.get("rejected_by") == "risk":
+            return
+        self.governor.on_order_closed(str(event.data["order_id"]))
+
+    async def on_pnl(self, event: Event) -> None:
+        triggered = self.governor.on_pnl(event.data, event.timestamp)
+        await self._save_day()
+        if triggered is not None:
+            await self._persist_and_announce(triggered)
+        self._update_metrics()
+
+    async def on_tick(self, event: Event) -> None:
+        self.governor.on_mark(str(event.data["symbol"]), event.data["price"])
+
+    async def on_candle(self, event: Event) -> None:
+        self.governor.on_mark(str(event.data["symbol"]), event.data["close"])
+
+    # --- kill switch ---------------------------------------------------------------------------
+
+    async def trigger_kill_switch(self, reason: str, timestamp_ns: int) -> bool:
+        """Activate the kill switch by command; False if it was already active."""
+        state = self.governor.trigger_kill_switch(reason, timestamp_ns)
+        if state is None:
+            return False
+        await self._persist_and_announce(state)
+        self._update_metrics()
+        return True
+
+    async def reset_kill_switch(self, timestamp_ns: int) -> bool:
+        """Clear the kill switch (the only way to); False if it was not active."""
+        if not self.governor.reset_kill_switch(timestamp_ns):
+            return False
+        if self.redis is not None:
+            await self.redis.hset(
+                KILLSWITCH_KEY,
+                mapping=_fields({**self.governor.kill_switch.to_mapping(), "announced": "1"}),
+            )
+        await self._save_day()
+        log.warning("kill switch reset")
+        self._update_metrics()
+        return True
+
+    async def _persist_and_announce(self, state: KillSwitchState) -> None:
+        log.critical("KILL SWITCH TRIGGERED: %s", state.reason)
+        if self.redis is not None:
+            await self.redis.hset(
+                KILLSWITCH_KEY, mapping=_fields({**state.to_mapping(), "announced": "0"})
+            )
+        await self._announce(state)
+
+    async def _announce(self, state: KillSwitchState) -> None:
+        await self.bus.publish(
+            Event(
+                event_type=EventType.KILLSWITCH_TRIGGERED,
+                data={"reason": state.reason, "timestamp": state.timestamp_ns},
+            )
+        )
+        if self.redis is not None:
+            await self.redis.hset(KILLSWITCH_KEY, "announced", "1")
+
+    async def _save_day(self) -> None:
+        gov = self.governor
+        if self.redis is None or gov.day is None:
+            return
+        await self.redis.hset(
+            DAY_KEY, mapping={"day": str(gov.day), "start_equity": str(gov.day_start_equity)}
+        )
+
+    # --- command path --------------------------------------------------------------------------
+
+    async def _command_loop(self) -> None:
+        assert self.redis_url is not None
+        # Its own connection: a BLOCK must not hold a pooled connection others need.
+        self._command_client = aioredis.Redis.from_url(
+            self.redis_url,
+            single_connection_client=True,
+            socket_timeout=self.command_block_ms / 1000 + 5,
+            socket_connect_timeout=5.0,
+        )
+        client = self._command_client
+        group_ready = False
+        while self._running:
+            try:
+                if not group_ready:
+                    await ensure_group(client, COMMAND_STREAM, COMMAND_GROUP, start_id="0")
+                    group_ready = True
+                # Our own pending entries first (a crash after reading), then new ones.
+                for start in ("0", ">"):
+                    response: Any = await client.xreadgroup(
+                        COMMAND_GROUP,
+                        self.consumer,
+                        {COMMAND_STREAM: start},
+                        count=10,
+                        block=None if start == "0" else self.command_block_ms,
+                    )
+                    for _stream, entries in response or ():
+                        for entry_id, fields in entries:
+                            await self._run_command(as_str(entry_id), fields or {})
+                            await client.xack(COMMAND_STREAM, COMMAND_GROUP, entry_id)
+                self._last_error = None
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    group_ready = False
+                    continue
+                self._last_error = f"command stream: {exc}"
+                log.error("risk command stream: %s", exc)
+                await asyncio.sleep(1)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self._last_error = f"command stream: Redis unreachable: {exc}"
+                await asyncio.sleep(1)
+
+    async def _run_command(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        values = {as_str(k): as_str(v) for k, v in fields.items()}
+        command = values.get("command", "").lower()
+        # Commands carry no event time; the stream entry id is its Redis-assigned time (ms).
+        timestamp_ns = int(entry_id.split("-", 1)[0]) * 1_000_000
+        if command == "trigger":
+            reason = values.get("reason") or "manual kill switch"
+            await self.trigger_kill_switch(f"command: {reason}", timestamp_ns)
+        elif command == "reset":
+            await self.reset_kill_switch(timestamp_ns)
+        else:
+            log.error("risk command %s ignored: unknown command %r", entry_id, command)
+
+    def _update_metrics(self) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        gov = self.governor
+        m.killswitch_active.set(1 if gov.kill_switch.active else 0)
+        m.drawdown_ratio.set(float(gov.drawdown))
+        m.daily_drawdown_limit.set(float(gov.limits.daily_drawdown_limit))
+
+
+def _fields(values: dict[str, str]) -> Any:
+    """A str mapping in the shape redis-py's HSET annotation wants."""
+    return values
+
+
+def _reason_label(reason: str) -> str:
+    """A bounded label for the rejection metric (reasons carry numbers)."""
+    for label in (
+        "kill switch",
+        "reduce-only",
+        "daily drawdown",
+        "no market price",
+        "below minimum",
+        "MAX_POSITION_SIZE",
+        "total exposure",
+        "MAX_LEVERAGE",
+        "equity",
+    ):
+        if label in reason:
+            return label.lower()
+    return "custom"
+
+
+def build(ctx: ServiceContext) -> None:
+    settings = cast(RiskServiceSettings, ctx.settings)
+    governor = RiskGovernor(
+        settings.limits(), starting_equity=settings.starting_equity, kelly=settings.kelly()
+    )
+    service = RiskService(
+        ctx.bus,
+        governor,
+        redis=ctx.redis,
+        redis_url=settings.redis_url,
+        metrics=ctx.metrics,
+        consumer=settings.consumer_name,
+        command_block_ms=settings.risk_command_block_ms,
+    )
+    ctx.orchestrator.register_component(name="risk_governor", component=service)
