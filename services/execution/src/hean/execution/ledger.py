@@ -1,0 +1,111 @@
+"""The order ledger: the at-most-once marker for ORDER_APPROVED and the list of open orders.
+
+`claim(order_id)` succeeds once per order id, ever (within the marker's TTL). In Redis the
+marker and the open-order index are written by one Lua script, so a crash cannot leave one
+without the other. A redelivered ORDER_APPROVED finds the marker and places nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+from hean.core.event_streams import as_str
+
+ORDER_KEY_PREFIX = "hean:execution:order:"
+OPEN_ORDERS_KEY = "hean:execution:open"
+
+_CLAIM = """
+if redis.call('HSETNX', KEYS[1], 'status', 'working') == 1 then
+  redis.call('HSET', KEYS[1], 'symbol', ARGV[2], 'size', ARGV[3], 'filled', '0')
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[4])
+  return 1
+end
+return 0
+"""
+
+_FINISH = """
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'filled', ARGV[2])
+redis.call('SREM', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+class OrderLedger(Protocol):
+    async def claim(self, order_id: str, symbol: str, size: str) -> bool: ...
+
+    async def release(self, order_id: str) -> None: ...
+
+    async def record_fill(self, order_id: str, filled: str) -> None: ...
+
+    async def finish(self, order_id: str, status: str, filled: str) -> None: ...
+
+    async def open_orders(self) -> dict[str, dict[str, str]]: ...
+
+
+class MemoryLedger:
+    """The ledger in process memory (tests, single-process runs)."""
+
+    def __init__(self) -> None:
+        self.orders: dict[str, dict[str, str]] = {}
+        self.open: set[str] = set()
+
+    async def claim(self, order_id: str, symbol: str, size: str) -> bool:
+        if order_id in self.orders:
+            return False
+        self.orders[order_id] = {"status": "working", "symbol": symbol, "size": size, "filled": "0"}
+        self.open.add(order_id)
+        return True
+
+    async def release(self, order_id: str) -> None:
+        self.orders.pop(order_id, None)
+        self.open.discard(order_id)
+
+    async def record_fill(self, order_id: str, filled: str) -> None:
+        if order_id in self.orders:
+            self.orders[order_id]["filled"] = filled
+
+    async def finish(self, order_id: str, status: str, filled: str) -> None:
+        if order_id in self.orders:
+            self.orders[order_id].update(status=status, filled=filled)
+        self.open.discard(order_id)
+
+    async def open_orders(self) -> dict[str, dict[str, str]]:
+        return {oid: dict(self.orders[oid]) for oid in self.open if oid in self.orders}
+
+
+class RedisLedger:
+    """The ledger in Redis: `hean:execution:order:<id>` hashes and the `open` set."""
+
+    def __init__(self, client: aioredis.Redis, *, ttl_s: int = 7 * 86_400) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+
+    async def claim(self, order_id: str, symbol: str, size: str) -> bool:
+        keys = [ORDER_KEY_PREFIX + order_id, OPEN_ORDERS_KEY]
+        return bool(await self._claim(keys=keys, args=[self.ttl_s, symbol, size, order_id]))
+
+    async def release(self, order_id: str) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(ORDER_KEY_PREFIX + order_id)
+            pipe.srem(OPEN_ORDERS_KEY, order_id)
+            await pipe.execute()
+
+    async def record_fill(self, order_id: str, filled: str) -> None:
+        await self.client.hset(ORDER_KEY_PREFIX + order_id, "filled", filled)
+
+    async def finish(self, order_id: str, status: str, filled: str) -> None:
+        keys = [ORDER_KEY_PREFIX + order_id, OPEN_ORDERS_KEY]
+        await self._finish(keys=keys, args=[status, filled, order_id])
+
+    async def open_orders(self) -> dict[str, dict[str, str]]:
+        ids = [as_str(i) for i in await self.client.smembers(OPEN_ORDERS_KEY)]
+        result: dict[str, dict[str, str]] = {}
+        for order_id in sorted(ids):
+            raw = await self.client.hgetall(ORDER_KEY_PREFIX + order_id)
+            result[order_id] = {as_str(k): as_str(v) for k, v in raw.items()}
+        return result

@@ -1,0 +1,404 @@
+"""Execution wiring: ORDER_APPROVED -> router -> exchange -> ORDER_PLACED / ORDER_FILLED /
+ORDER_CANCELLED / ORDER_REJECTED; TICK and CANDLE drive the paper fills and the algorithms;
+KILLSWITCH_TRIGGERED cancels every open order and algorithm.
+
+Idempotency: an ORDER_APPROVED is worked only after `ledger.claim(order_id)` succeeded (an
+atomic marker in Redis), so a redelivery, even to a restarted process, places nothing.
+After a restart, orders the ledger still lists as open are reconciled before new work
+starts: children still open on the venue are cancelled and the parent is reported
+ORDER_CANCELLED ("execution restarted"), so risk releases what it reserved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from decimal import Decimal
+from typing import Annotated, Any, cast
+
+from pydantic import Field, field_validator
+
+from hean.core.bus import EventBus
+from hean.core.circuit_breaker import CircuitBreaker, CircuitBreakerOpenError
+from hean.core.errors import TransientError
+from hean.core.metrics import Metrics
+from hean.core.service import ServiceContext
+from hean.core.settings import CoreSettings, ExchangeSettings
+from hean.core.types import Event, EventType
+from hean.execution.exchange import (
+    ChildOrder,
+    Exchange,
+    ExchangeFill,
+    MarketRules,
+    OrderRefusedError,
+)
+from hean.execution.ledger import MemoryLedger, OrderLedger, RedisLedger
+from hean.execution.paper import PaperConfig, PaperExchange
+from hean.execution.router import ExecutionRouter, ParentOrder, ParentStatus, RouterConfig
+
+log = logging.getLogger(__name__)
+
+NonNegDecimal = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
+PosDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
+
+
+class ExecutionSettings(CoreSettings, ExchangeSettings):
+    paper_taker_fee: NonNegDecimal = Field(default=Decimal("0.00055"), alias="PAPER_TAKER_FEE")
+    paper_maker_fee: NonNegDecimal = Field(default=Decimal("0.0002"), alias="PAPER_MAKER_FEE")
+    paper_slippage_bps: NonNegDecimal = Field(default=Decimal("1"), alias="PAPER_SLIPPAGE_BPS")
+    paper_impact_bps: NonNegDecimal = Field(default=Decimal("10"), alias="PAPER_IMPACT_BPS")
+    paper_depth_notional: PosDecimal = Field(
+        default=Decimal("100000"), alias="PAPER_DEPTH_NOTIONAL"
+    )
+    paper_liquidity_notional: PosDecimal = Field(
+        default=Decimal("250000"), alias="PAPER_LIQUIDITY_NOTIONAL"
+    )
+    paper_latency_ms: Annotated[float, Field(ge=0, le=10_000)] = Field(
+        default=0.0, alias="PAPER_LATENCY_MS"
+    )
+    #: JSON: {"BTC/USDT": {"tick_size": "0.1", "qty_step": "0.001", "min_qty": "0.001"}}
+    paper_markets: dict[str, dict[str, str]] = Field(default_factory=dict, alias="PAPER_MARKETS")
+    #: trade symbols that are not configured once market data for them arrives
+    paper_allow_unlisted: bool = Field(default=True, alias="PAPER_ALLOW_UNLISTED")
+    twap_duration_s: Annotated[float, Field(ge=0)] = Field(default=60.0, alias="TWAP_DURATION_S")
+    twap_slices: Annotated[int, Field(ge=1, le=1000)] = Field(default=5, alias="TWAP_SLICES")
+    vwap_duration_s: Annotated[float, Field(ge=0)] = Field(default=60.0, alias="VWAP_DURATION_S")
+    vwap_slices: Annotated[int, Field(ge=1, le=1000)] = Field(default=5, alias="VWAP_SLICES")
+    iceberg_display_ratio: Annotated[Decimal, Field(gt=0, le=1)] = Field(
+        default=Decimal("0.1"), alias="ICEBERG_DISPLAY_RATIO"
+    )
+
+    @field_validator("paper_markets", mode="before")
+    @classmethod
+    def _parse_markets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
+        return value
+
+    @field_validator("exchange")
+    @classmethod
+    def _known_exchange(cls, value: str) -> str:
+        if value.lower() != "paper":
+            raise ValueError(
+                f"exchange {value!r} is not available: only 'paper' is implemented so far"
+            )
+        return value.lower()
+
+    def paper_config(self) -> PaperConfig:
+        markets = {
+            symbol: MarketRules(symbol, **{k: Decimal(v) for k, v in rules.items()})
+            for symbol, rules in self.paper_markets.items()
+        }
+        return PaperConfig(
+            taker_fee_rate=self.paper_taker_fee,
+            maker_fee_rate=self.paper_maker_fee,
+            base_slippage_bps=self.paper_slippage_bps,
+            impact_bps=self.paper_impact_bps,
+            depth_notional=self.paper_depth_notional,
+            liquidity_notional=self.paper_liquidity_notional,
+            latency_ms=self.paper_latency_ms,
+            markets=markets,
+            default_rules=MarketRules("*") if self.paper_allow_unlisted else None,
+        )
+
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(
+            twap_duration_s=self.twap_duration_s,
+            twap_slices=self.twap_slices,
+            vwap_duration_s=self.vwap_duration_s,
+            vwap_slices=self.vwap_slices,
+            iceberg_display_ratio=self.iceberg_display_ratio,
+        )
+
+
+class ExecutionService:
+    """Works approved orders on an exchange (see the module docstring)."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        exchange: Exchange,
+        *,
+        router: ExecutionRouter | None = None,
+        ledger: OrderLedger | None = None,
+        metrics: Metrics | None = None,
+        breaker: CircuitBreaker | None = None,
+        candle_history: int = 50,
+    ) -> None:
+        self.bus = bus
+        self.exchange = exchange
+        self.router = router or ExecutionRouter()
+        self.ledger: OrderLedger = ledger if ledger is not None else MemoryLedger()
+        self.metrics = metrics
+        self.breaker = breaker or CircuitBreaker("exchange")
+        self.parents: dict[str, ParentOrder] = {}
+        self._child_parent: dict[str, str] = {}
+        self._volumes: dict[str, deque[Decimal]] = {}
+        self._candle_history = candle_history
+        self.reconciled: list[str] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.exchange.start()
+        await self.reconcile()
+        b = self.bus
+        b.subscribe(EventType.ORDER_APPROVED, self.on_approved, name="execution.on_approved")
+        b.subscribe(EventType.TICK, self.on_tick, name="execution.on_tick")
+        b.subscribe(EventType.CANDLE, self.on_candle, name="execution.on_candle")
+        b.subscribe(
+            EventType.KILLSWITCH_TRIGGERED, self.on_killswitch, name="execution.on_killswitch"
+        )
+
+    async def stop(self) -> None:
+        await self.exchange.close()
+
+    def health_check(self) -> dict[str, Any]:
+        state = self.breaker.state.value
+        if state != "closed":
+            return {"state": "degraded", "error_message": f"exchange circuit breaker {state}"}
+        return {"state": "healthy"}
+
+    async def reconcile(self) -> None:
+        """Cancel what a previous run left open (see the module docstring)."""
+        leftovers = await self.ledger.open_orders()
+        if not leftovers:
+            return
+        venue_open = set(await self.exchange.open_client_order_ids())
+        for order_id, info in leftovers.items():
+            for client_id in [c for c in venue_open if c.startswith(f"{order_id}-")]:
+                await self.exchange.cancel(client_id, 0)
+            filled = info.get("filled", "0")
+            await self.bus.publish(
+                Event(
+                    event_type=EventType.ORDER_CANCELLED,
+                    data={
+                        "order_id": order_id,
+                        "reason": "execution restarted: open order cancelled on reconciliation",
+                        "symbol": info.get("symbol"),
+                        "filled_qty": filled,
+                    },
+                )
+            )
+            await self.ledger.finish(order_id, ParentStatus.CANCELLED.value, filled)
+            self.reconciled.append(order_id)
+        log.warning("reconciled %d open orders left by a previous run", len(leftovers))
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    async def on_approved(self, event: Event) -> None:
+        data = event.data
+        order_id = str(data["order_id"])
+        symbol = str(data["symbol"])
+        if not await self.ledger.claim(order_id, symbol, str(data["size"])):
+            log.info("order %s already handled; redelivery ignored", order_id)
+            return
+        rules = self.exchange.rules(symbol)
+        try:
+            if rules is None:
+                raise OrderRefusedError(f"unknown symbol {symbol}")
+            volumes = list(self._volumes.get(symbol, ()))
+            parent = self.router.route(data, rules, event.timestamp, volumes)
+        except OrderRefusedError as exc:
+            await self._reject(order_id, symbol, exc.reason)
+            return
+        self.parents[order_id] = parent
+        try:
+            await self._work(parent, event.timestamp)
+        except TransientError:
+            if parent.children_sent == 0:
+                # Nothing reached the venue: give the claim back so the retry can place it.
+                del self.parents[order_id]
+                await self.ledger.release(order_id)
+                raise
+            log.exception("order %s: transient failure mid-algorithm; will retry", order_id)
+
+    async def on_tick(self, event: Event) -> None:
+        await self._market(str(event.data["symbol"]), event.data["price"], event.data, event)
+
+    async def on_candle(self, event: Event) -> None:
+        symbol = str(event.data["symbol"])
+        history = self._volumes.setdefault(symbol, deque(maxlen=self._candle_history))
+        history.append(Decimal(event.data["volume"]))
+        await self._market(symbol, event.data["close"], event.data, event)
+
+    async def _market(self, symbol: str, price: Decimal, data: Any, event: Event) -> None:
+        volume = Decimal(data.get("volume") or 0)
+        fills = await self.exchange.on_market_data(symbol, price, volume, event.timestamp)
+        fills += await self.exchange.poll_fills(event.timestamp)
+        for fill in fills:
+            await self._on_exchange_fill(fill)
+        for parent in [p for p in self.parents.values() if p.symbol == symbol]:
+            if not parent.done:
+                try:
+                    await self._work(parent, event.timestamp)
+                except TransientError:
+                    log.warning(
+                        "order %s: exchange unavailable; slice retried later", parent.order_id
+                    )
+
+    async def on_killswitch(self, event: Event) -> None:
+        reason = f"kill switch: {event.data['reason']}"
+        for parent in list(self.parents.values()):
+            if parent.done:
+                continue
+            open_children = parent.cancel()
+            for client_id in open_children:
+                try:
+                    await self.breaker.call(self.exchange.cancel, client_id, event.timestamp)
+                except (TransientError, CircuitBreakerOpenError) as exc:
+                    log.error("kill switch: cancel of %s failed: %s", client_id, exc)
+            await self._cancelled(parent, reason)
+
+    # --- working an order --------------------------------------------------------------------
+
+    async def _work(self, parent: ParentOrder, now_ns: int) -> None:
+        while not parent.done:  # done: filled, or cancelled while we awaited the venue
+            child = parent.next_child(now_ns)
+            if child is None:
+                return
+            try:
+                result = await self.breaker.call(self.exchange.place, child, now_ns)
+            except OrderRefusedError as exc:
+                parent.on_child_refused(child.client_order_id)
+                if parent.filled_qty == 0 and parent.children_sent == 1:
+                    parent.status = ParentStatus.REJECTED
+                    await self._reject(parent.order_id, parent.symbol, exc.reason)
+                else:
+                    parent.cancel()
+                    await self._cancelled(parent, f"exchange refused a child order: {exc.reason}")
+                return
+            except (TransientError, CircuitBreakerOpenError) as exc:
+                parent.unsend(child)
+                self._count_api_error(exc)
+                raise TransientError(str(exc)) from exc
+            self._child_parent[child.client_order_id] = parent.order_id
+            await self._placed(parent, child, result.exchange_order_id)
+            for fill in result.fills:
+                await self._on_exchange_fill(fill)
+
+    async def _placed(self, parent: ParentOrder, child: ChildOrder, exchange_id: str) -> None:
+        if self.metrics is not None:
+            self.metrics.orders_total.labels(child.symbol, child.side.value, child.type).inc()
+        await self.bus.publish(
+            Event(
+                event_type=EventType.ORDER_PLACED,
+                data={
+                    "order_id": parent.order_id,
+                    "client_order_id": child.client_order_id,
+                    "exchange_order_id": exchange_id,
+                    "exchange": self.exchange.name,
+                    "symbol": child.symbol,
+                    "side": child.side.value,
+                    "size": child.qty,
+                    "price": child.price,
+                    "type": child.type,
+                    "algorithm": parent.algorithm.value,
+                    "child_index": parent.children_sent,
+                },
+            )
+        )
+
+    async def _on_exchange_fill(self, fill: ExchangeFill) -> None:
+        order_id = self._child_parent.get(fill.client_order_id)
+        parent = self.parents.get(order_id) if order_id is not None else None
+        if parent is None:
+            log.error("fill %s for unknown child %s", fill.fill_id, fill.client_order_id)
+            return
+        parent.on_fill(fill.client_order_id, fill.qty)
+        if self.metrics is not None:
+            self.metrics.trades_total.labels(fill.symbol, fill.side.value).inc()
+            self.metrics.trade_volume.labels(fill.symbol).inc(float(fill.qty * fill.price))
+            self.metrics.slippage_bps.labels(fill.symbol).observe(float(fill.slippage_bps))
+        await self.bus.publish(
+            Event(
+                event_type=EventType.ORDER_FILLED,
+                data={
+                    "order_id": parent.order_id,
+                    "fill_id": fill.fill_id,
+                    "client_order_id": fill.client_order_id,
+                    "symbol": fill.symbol,
+                    "side": fill.side.value,
+                    "fill_price": fill.price,
+                    "filled_qty": fill.qty,
+                    "fee": fill.fee,
+                    "liquidity": fill.liquidity,
+                    "reference_price": fill.reference_price,
+                    "slippage_bps": fill.slippage_bps,
+                    "cumulative_qty": parent.filled_qty,
+                    "remaining_qty": parent.remaining,
+                    "exchange": self.exchange.name,
+                },
+            )
+        )
+        await self.ledger.record_fill(parent.order_id, str(parent.filled_qty))
+        if parent.status is ParentStatus.FILLED:
+            await self._finish(parent)
+
+    async def _reject(self, order_id: str, symbol: str, reason: str) -> None:
+        log.warning("order %s rejected by %s: %s", order_id, self.exchange.name, reason)
+        if self.metrics is not None:
+            self.metrics.orders_rejected_total.labels("execution", "exchange").inc()
+        await self.bus.publish(
+            Event(
+                event_type=EventType.ORDER_REJECTED,
+                data={
+                    "order_id": order_id,
+                    "reason": reason,
+                    "rejected_by": f"exchange:{self.exchange.name}",
+                    "symbol": symbol,
+                },
+            )
+        )
+        await self.ledger.finish(order_id, ParentStatus.REJECTED.value, "0")
+        self.parents.pop(order_id, None)
+
+    async def _cancelled(self, parent: ParentOrder, reason: str) -> None:
+        await self.bus.publish(
+            Event(
+                event_type=EventType.ORDER_CANCELLED,
+                data={
+                    "order_id": parent.order_id,
+                    "reason": reason,
+                    "symbol": parent.symbol,
+                    "filled_qty": parent.filled_qty,
+                    "remaining_qty": parent.remaining,
+                },
+            )
+        )
+        await self._finish(parent)
+
+    async def _finish(self, parent: ParentOrder) -> None:
+        await self.ledger.finish(parent.order_id, parent.status.value, str(parent.filled_qty))
+        if self.metrics is not None:
+            self.metrics.order_fill_ratio.observe(float(parent.filled_qty / parent.size))
+        self.parents.pop(parent.order_id, None)
+        for client_id in [c for c, p in self._child_parent.items() if p == parent.order_id]:
+            # keep late fills of a cancelled child attributable: only drop filled parents
+            if parent.status is ParentStatus.FILLED:
+                del self._child_parent[client_id]
+
+    def _count_api_error(self, exc: BaseException) -> None:
+        if self.metrics is not None:
+            kind = "circuit_open" if isinstance(exc, CircuitBreakerOpenError) else "transient"
+            self.metrics.exchange_api_errors_total.labels(self.exchange.name, kind).inc()
+
+
+def build(ctx: ServiceContext) -> None:
+    settings = cast(ExecutionSettings, ctx.settings)
+    exchange = PaperExchange(settings.paper_config())
+    service = ExecutionService(
+        ctx.bus,
+        exchange,
+        router=ExecutionRouter(settings.router_config()),
+        ledger=RedisLedger(ctx.redis),
+        metrics=ctx.metrics,
+        breaker=CircuitBreaker(
+            "exchange",
+            failure_threshold=settings.cb_failure_threshold,
+            recovery_timeout=settings.cb_recovery_timeout_s,
+            success_threshold=settings.cb_success_threshold,
+        ),
+    )
+    ctx.orchestrator.register_component(name="execution", component=service)
