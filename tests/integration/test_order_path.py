@@ -1,0 +1,291 @@
+"""The order path on a real Redis: risk, execution and portfolio each on its own
+`EventBus.redis` (own consumer group), as in production but in one test process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from hean.core.bus import EventBus
+from hean.core.event_streams import RedisEventStream, stream_key
+from hean.core.settings import CoreSettings
+from hean.core.types import Event, EventType
+from hean.execution.exchange import MarketRules
+from hean.execution.ledger import OPEN_ORDERS_KEY, RedisLedger
+from hean.execution.paper import PaperConfig, PaperExchange
+from hean.execution.service import ExecutionService
+from hean.portfolio.core import Portfolio
+from hean.portfolio.service import PortfolioService
+from hean.risk.risk_governor import RiskGovernor, RiskLimits
+from hean.risk.service import COMMAND_STREAM, KILLSWITCH_KEY, RiskService
+
+D = Decimal
+BTC = MarketRules("BTC/USDT", tick_size=D("0.1"), qty_step=D("0.001"), min_qty=D("0.001"))
+
+
+def bus_for(url: str, service: str, instance: str = "1") -> EventBus:
+    settings = CoreSettings(
+        REDIS_URL=url,
+        SERVICE_NAME=service,
+        INSTANCE_ID=instance,
+        EVENT_BLOCK_MS=50,
+        EVENT_RETRY_DELAY_MS=50,
+    )
+    return EventBus.redis(settings)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last: {result!r})")
+        await asyncio.sleep(0.02)
+
+
+async def events(url: str, etype: EventType) -> list[Event]:
+    async with RedisEventStream(url) as stream:
+        return [e async for e in stream.replay_events(etype)]
+
+
+def governor() -> RiskGovernor:
+    limits = RiskLimits(
+        max_position_size=D(5000), max_leverage=D(3), daily_drawdown_limit=D("0.05")
+    )
+    return RiskGovernor(limits, starting_equity=D(10000))
+
+
+async def start_risk(url: str, client: aioredis.Redis, instance: str = "1"):
+    bus = bus_for(url, "risk", instance)
+    svc = RiskService(
+        bus, governor(), redis=client, redis_url=url, consumer=f"risk:{instance}",
+        command_block_ms=50,
+    )  # fmt: skip
+    await svc.start()
+    await bus.start()
+    return bus, svc
+
+
+async def start_execution(url: str, client: aioredis.Redis, instance: str = "1"):
+    bus = bus_for(url, "execution", instance)
+    exchange = PaperExchange(PaperConfig(markets={"BTC/USDT": BTC}))
+    svc = ExecutionService(bus, exchange, ledger=RedisLedger(client))
+    await svc.start()
+    await bus.start()
+    return bus, svc
+
+
+async def start_portfolio(url: str, client: aioredis.Redis, instance: str = "1"):
+    bus = bus_for(url, "portfolio", instance)
+    svc = PortfolioService(
+        bus,
+        Portfolio(D(10000)),
+        publish_interval_ms=0,
+        history=RedisEventStream(url, client=client),
+        group="portfolio",
+    )
+    await svc.start()
+    await bus.start()
+    return bus, svc
+
+
+async def publish(url: str, *evts: Event) -> None:
+    bus = bus_for(url, "test-source")
+    await bus.start()
+    for e in evts:
+        await bus.publish(e)
+    await bus.flush(5)
+    await bus.stop()
+
+
+def tick(price: str) -> Event:
+    return Event(event_type=EventType.TICK, data={"symbol": "BTC/USDT", "price": price})
+
+
+async def test_order_path_signal_becomes_fill_and_pnl_update(redis_url, redis_client):
+    running = [
+        await start_risk(redis_url, redis_client),
+        await start_execution(redis_url, redis_client),
+        await start_portfolio(redis_url, redis_client),
+    ]
+    try:
+        await publish(redis_url, tick("100"))
+        _, execution = running[1]
+        await eventually(lambda: _true(execution.exchange.rules("BTC/USDT") is not None))
+        risk_gov = running[0][1].governor
+        await eventually(lambda: _true("BTC/USDT" in risk_gov.marks))
+        signal = Event(
+            event_type=EventType.SIGNAL,
+            data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
+        )
+        await publish(redis_url, signal)
+
+        async def position() -> Any:
+            for update in await events(redis_url, EventType.PNL_UPDATE):
+                pos = update.data["positions"].get("BTC/USDT")
+                if pos and Decimal(pos["qty"]) > 0:
+                    return update
+            return None
+
+        update = await eventually(position)
+        fills = await events(redis_url, EventType.ORDER_FILLED)
+        assert len(fills) == 1
+        assert fills[0].data["order_id"] == f"o{signal.event_id}"
+        assert Decimal(update.data["positions"]["BTC/USDT"]["qty"]) == D(10)
+        assert Decimal(update.data["fees"]) == Decimal(fills[0].data["fee"])
+        # the fill carries the signal's correlation id through risk and execution
+        assert fills[0].correlation_id == signal.event_id
+    finally:
+        for bus, svc in reversed(running):
+            await bus.stop()
+            stop = getattr(svc, "stop", None)
+            if stop is not None:
+                await stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_order_path_redelivered_approval_after_restart_places_once(redis_url, redis_client):
+    await publish(redis_url, tick("100"))
+    order = Event(
+        event_type=EventType.ORDER_APPROVED,
+        data={"order_id": "dup-1", "symbol": "BTC/USDT", "side": "BUY", "size": "1"},
+    )
+    bus, svc = await start_execution(redis_url, redis_client, "a")
+    await publish(redis_url, tick("100"), order)
+    await eventually(lambda: _count(redis_url, EventType.ORDER_FILLED, 1))
+    await bus.stop()
+    await svc.stop()
+    # a new process (new consumer) sees the same approval again
+    bus, svc = await start_execution(redis_url, redis_client, "b")
+    await publish(redis_url, tick("100"), order)
+    await eventually(lambda: _group_done(redis_client, EventType.ORDER_APPROVED, "execution"))
+    placed = await events(redis_url, EventType.ORDER_PLACED)
+    assert [p.data["order_id"] for p in placed] == ["dup-1"]
+    assert await redis_client.scard(OPEN_ORDERS_KEY) == 0
+    await bus.stop()
+    await svc.stop()
+
+
+async def _group_done(client: aioredis.Redis, etype: EventType, group: str) -> bool:
+    """Every entry of the stream delivered to `group` and acked."""
+    key = stream_key(etype)
+    last = (await client.xinfo_stream(key))["last-generated-id"]
+    for info in await client.xinfo_groups(key):
+        if info["name"].decode() == group:
+            return info["last-delivered-id"] == last and info["pending"] == 0
+    return False
+
+
+async def _count(url: str, etype: EventType, n: int) -> bool:
+    return len(await events(url, etype)) >= n
+
+
+async def test_order_path_killswitch_command_survives_risk_restart(redis_url, redis_client):
+    bus, svc = await start_risk(redis_url, redis_client, "a")
+    await redis_client.xadd(COMMAND_STREAM, {"command": "trigger", "reason": "operator"})
+    triggered = await eventually(lambda: _events_if_any(redis_url, EventType.KILLSWITCH_TRIGGERED))
+    assert triggered[0].data["reason"] == "command: operator"
+    assert (await redis_client.hget(KILLSWITCH_KEY, "active")) == b"1"
+    await bus.stop()
+    await svc.stop()
+
+    bus, svc = await start_risk(redis_url, redis_client, "b")
+    assert svc.governor.kill_switch.active
+    assert svc.governor.kill_switch.reason == "command: operator"
+    await publish(
+        redis_url,
+        tick("100"),
+        Event(
+            event_type=EventType.ORDER_REQUEST,
+            data={"order_id": "after-restart", "symbol": "BTC/USDT", "side": "BUY", "size": "1"},
+        ),
+    )
+    rejected = await eventually(lambda: _events_if_any(redis_url, EventType.ORDER_REJECTED))
+    assert rejected[0].data["order_id"] == "after-restart"
+    assert "kill switch active" in rejected[0].data["reason"]
+
+    await redis_client.xadd(COMMAND_STREAM, {"command": "reset"})
+    await eventually(lambda: _true(not svc.governor.kill_switch.active))
+    await publish(
+        redis_url,
+        Event(
+            event_type=EventType.ORDER_REQUEST,
+            data={"order_id": "after-reset", "symbol": "BTC/USDT", "side": "BUY", "size": "1"},
+        ),
+    )
+    approved = await eventually(lambda: _events_if_any(redis_url, EventType.ORDER_APPROVED))
+    assert [a.data["order_id"] for a in approved] == ["after-reset"]
+    assert len(await events(redis_url, EventType.KILLSWITCH_TRIGGERED)) == 1
+    await bus.stop()
+    await svc.stop()
+
+
+async def _events_if_any(url: str, etype: EventType) -> list[Event]:
+    return await events(url, etype)
+
+
+def _fill(fill_id: str, side: str, qty: str, price: str) -> Event:
+    return Event(
+        event_type=EventType.ORDER_FILLED,
+        data={
+            "order_id": f"o-{fill_id}",
+            "fill_id": fill_id,
+            "symbol": "BTC/USDT",
+            "side": side,
+            "filled_qty": qty,
+            "fill_price": price,
+            "fee": "0.05",
+        },
+    )
+
+
+async def test_order_path_portfolio_rebuilt_after_restart_equals_before(redis_url, redis_client):
+    bus, svc = await start_portfolio(redis_url, redis_client, "a")
+    fills = [
+        _fill("1", "BUY", "2", "100"),
+        _fill("2", "SELL", "1", "110"),
+        _fill("3", "BUY", "1", "90"),
+    ]
+    await publish(redis_url, *fills, fills[1])  # one fill delivered twice
+    await eventually(lambda: _true(svc.portfolio.fills_applied == 3))
+    before = svc.portfolio.snapshot()
+    await bus.stop()
+
+    bus, svc = await start_portfolio(redis_url, redis_client, "b")
+    assert svc.rebuilt_fills == 3
+    assert svc.portfolio.snapshot() == before
+    assert svc.portfolio.realized_pnl == D(10)
+    await bus.stop()
+
+
+async def test_order_path_risk_rebuilds_positions_and_equity_after_restart(redis_url, redis_client):
+    pnl = Event(
+        event_type=EventType.PNL_UPDATE,
+        data={"total_pnl": "-100", "realized_pnl": "0", "unrealized_pnl": "-100", "equity": "9900"},
+    )
+    await publish(redis_url, _fill("1", "BUY", "30", "100"), pnl)
+    bus, svc = await start_risk(redis_url, redis_client, "a")
+    assert svc.governor.positions["BTC/USDT"] == D(30)
+    assert svc.governor.equity == D(9900)
+    await publish(
+        redis_url,
+        tick("100"),
+        Event(
+            event_type=EventType.ORDER_REQUEST,
+            data={"order_id": "too-big", "symbol": "BTC/USDT", "side": "BUY", "size": "25"},
+        ),
+    )
+    rejected = await eventually(lambda: _events_if_any(redis_url, EventType.ORDER_REJECTED))
+    assert "MAX_POSITION_SIZE" in rejected[0].data["reason"]
+    await bus.stop()
+    await svc.stop()
