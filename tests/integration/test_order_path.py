@@ -182,7 +182,7 @@ async def _group_done(client: aioredis.Redis, etype: EventType, group: str) -> b
     last = (await client.xinfo_stream(key))["last-generated-id"]
     for info in await client.xinfo_groups(key):
         if info["name"].decode() == group:
-            return info["last-delivered-id"] == last and info["pending"] == 0
+            return bool(info["last-delivered-id"] == last and info["pending"] == 0)
     return False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,7 @@ BTC = MarketRules("BTC/USDT", tick_size=D("0.1"), qty_step=D("0.001"), min_qty=D
 
 
 def paper(**overrides) -> PaperExchange:
-    cfg = {"markets": {"BTC/USDT": BTC}, "default_rules": None}
+    cfg: dict[str, Any] = {"markets": {"BTC/USDT": BTC}, "default_rules": None}
     cfg.update(overrides)
     ex = PaperExchange(PaperConfig(**cfg))
     ex.last_price["BTC/USDT"] = D(100)
@@ -140,7 +141,7 @@ async def test_paper_fill_never_better_than_market_and_fees_non_negative(qty, si
 # --- router ------------------------------------------------------------------------------
 
 
-def order(type_: str, size: str = "1", **extra) -> dict:
+def order(type_: str, size: str = "1", **extra) -> dict[str, Any]:
     base = {"order_id": "o1", "symbol": "BTC/USDT", "side": "BUY", "size": size, "type": type_}
     return base | extra
 

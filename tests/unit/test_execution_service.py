@@ -172,10 +172,26 @@ async def test_execution_restart_with_open_order_reconciles_as_cancelled():
     await bus.stop()
 
 
-def test_execution_settings_live_exchange_not_available_names_variable(monkeypatch):
-    monkeypatch.setenv("EXCHANGE", "bybit")
+def test_execution_settings_unknown_exchange_names_variable(monkeypatch):
+    monkeypatch.setenv("EXCHANGE", "nosuchvenue")
     with pytest.raises(SettingsError, match="EXCHANGE"):
         load_settings(ExecutionSettings)
+
+
+def test_execution_settings_live_exchange_without_keys_refused(monkeypatch):
+    monkeypatch.setenv("EXCHANGE", "bybit")
+    monkeypatch.delenv("API_KEY", raising=False)
+    with pytest.raises(SettingsError, match="API_KEY"):
+        load_settings(ExecutionSettings)
+
+
+def test_execution_settings_live_exchange_config_keeps_secret_out_of_repr(monkeypatch):
+    monkeypatch.setenv("EXCHANGE", "Bybit")
+    monkeypatch.setenv("API_KEY", "k")
+    monkeypatch.setenv("API_SECRET", "very-secret-value")
+    settings = load_settings(ExecutionSettings)
+    assert settings.ccxt_config().exchange_id == "bybit"
+    assert "very-secret-value" not in repr(settings)
 
 
 def test_execution_settings_paper_markets_from_json(monkeypatch):

@@ -15,9 +15,10 @@ import json
 import logging
 from collections import deque
 from decimal import Decimal
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import Field, field_validator
+import ccxt  # type: ignore[import-untyped]
+from pydantic import Field, field_validator, model_validator
 
 from hean.core.bus import EventBus
 from hean.core.circuit_breaker import CircuitBreaker, CircuitBreakerOpenError
@@ -26,6 +27,7 @@ from hean.core.metrics import Metrics
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, ExchangeSettings
 from hean.core.types import Event, EventType
+from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
 from hean.execution.exchange import (
     ChildOrder,
     Exchange,
@@ -76,14 +78,41 @@ class ExecutionSettings(CoreSettings, ExchangeSettings):
             return json.loads(value) if value.strip() else {}
         return value
 
+    #: live venues: spot | linear | inverse (Bybit categories); our "BTC/USDT" maps to
+    #: ccxt's "BTC/USDT:USDT" for linear perpetuals
+    ccxt_market_type: Literal["spot", "linear", "inverse"] = Field(
+        default="linear", alias="CCXT_MARKET_TYPE"
+    )
+    #: override every API url of the venue (a local fake exchange in tests)
+    ccxt_api_url: str | None = Field(default=None, alias="CCXT_API_URL")
+    ccxt_retry_attempts: Annotated[int, Field(ge=1, le=20)] = Field(
+        default=3, alias="CCXT_RETRY_ATTEMPTS"
+    )
+
     @field_validator("exchange")
     @classmethod
     def _known_exchange(cls, value: str) -> str:
-        if value.lower() != "paper":
-            raise ValueError(
-                f"exchange {value!r} is not available: only 'paper' is implemented so far"
-            )
-        return value.lower()
+        name = value.lower()
+        if name != "paper" and name not in ccxt.exchanges:
+            raise ValueError(f"exchange {value!r} is neither 'paper' nor a ccxt exchange id")
+        return name
+
+    @model_validator(mode="after")
+    def _live_needs_keys(self) -> ExecutionSettings:
+        if self.exchange != "paper" and not self.api_key.get_secret_value():
+            raise ValueError(f"API_KEY and API_SECRET are required for EXCHANGE={self.exchange}")
+        return self
+
+    def ccxt_config(self) -> CcxtConfig:
+        return CcxtConfig(
+            exchange_id=self.exchange,
+            api_key=self.api_key.get_secret_value(),
+            api_secret=self.api_secret.get_secret_value(),
+            testnet=self.exchange_testnet,
+            market_type=self.ccxt_market_type,
+            api_url=self.ccxt_api_url,
+            retry_attempts=self.ccxt_retry_attempts,
+        )
 
     def paper_config(self) -> PaperConfig:
         markets = {
@@ -387,7 +416,11 @@ class ExecutionService:
 
 def build(ctx: ServiceContext) -> None:
     settings = cast(ExecutionSettings, ctx.settings)
-    exchange = PaperExchange(settings.paper_config())
+    exchange: Exchange
+    if settings.exchange == "paper":
+        exchange = PaperExchange(settings.paper_config())
+    else:
+        exchange = CcxtExchange(settings.ccxt_config())
     service = ExecutionService(
         ctx.bus,
         exchange,
@@ -395,7 +428,7 @@ def build(ctx: ServiceContext) -> None:
         ledger=RedisLedger(ctx.redis),
         metrics=ctx.metrics,
         breaker=CircuitBreaker(
-            "exchange",
+            settings.exchange,
             failure_threshold=settings.cb_failure_threshold,
             recovery_timeout=settings.cb_recovery_timeout_s,
             success_threshold=settings.cb_success_threshold,

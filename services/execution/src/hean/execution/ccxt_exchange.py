@@ -1,0 +1,293 @@
+"""A live venue through ccxt (Bybit v5 first).
+
+- Client order ids are our child ids (`<order_id>-<n>`, Bybit's `orderLinkId`, <= 36
+  chars): a repeated placement is refused by the venue as a duplicate, which we read as
+  "already placed" rather than as a failure.
+- Transient errors (ccxt `NetworkError`: timeouts, 5xx, rate limits, exchange unavailable)
+  are retried with exponential backoff (tenacity), then raised as `TransientError`; refusals
+  (`InvalidOrder`, `BadSymbol`, `InsufficientFunds`, `BadRequest`, ...) are never retried and
+  become `OrderRefusedError` with the venue's message. ccxt's own rate limiter is on.
+- The execution service calls every method through its circuit breaker.
+- Fills are polled from the venue's execution list (`fetch_my_trades`), deduplicated by
+  the venue's execution id.
+
+Tests point ccxt at a local fake Bybit v5 server by overriding its API urls (`api_url`);
+nothing here talks to the internet on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import ccxt.async_support as ccxt_async  # type: ignore[import-untyped]
+from ccxt.base.errors import (  # type: ignore[import-untyped]
+    AuthenticationError,
+    BadRequest,
+    BadSymbol,
+    InsufficientFunds,
+    InvalidOrder,
+    NetworkError,
+    OrderNotFound,
+    PermissionDenied,
+)
+from ccxt.base.errors import ExchangeError as CcxtExchangeError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from hean.core.errors import PermanentError, TransientError
+from hean.core.types import Side
+from hean.execution.exchange import (
+    ZERO,
+    ChildOrder,
+    Exchange,
+    ExchangeFill,
+    MarketRules,
+    OrderRefusedError,
+    PlaceResult,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_REFUSALS = (InvalidOrder, BadSymbol, InsufficientFunds, BadRequest, OrderNotFound)
+_API_KEYS = ("spot", "futures", "v2", "public", "private")
+
+
+@dataclass(frozen=True, slots=True)
+class CcxtConfig:
+    exchange_id: str = "bybit"
+    api_key: str = ""
+    api_secret: str = ""
+    testnet: bool = True
+    market_type: str = "linear"  # bybit: spot | linear | inverse
+    api_url: str | None = None  # override every API url (a local fake venue in tests)
+    retry_attempts: int = 3
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 2.0
+    timeout_ms: int = 10_000
+
+
+class CcxtExchange(Exchange):
+    """`Exchange` over a ccxt async client (see the module docstring)."""
+
+    def __init__(self, config: CcxtConfig, client: Any | None = None) -> None:
+        self.config = config
+        self.name = config.exchange_id
+        self.client: Any = client if client is not None else _make_client(config)
+        self._symbols: dict[str, str] = {}  # ours -> ccxt's unified symbol
+        self._children: dict[str, tuple[str, str]] = {}  # client id -> (venue id, our symbol)
+        self._open: set[str] = set()
+        self._seen_trades: set[str] = set()
+        self._since_ms: dict[str, int] = {}
+
+    async def start(self) -> None:
+        await self._call(self.client.load_markets)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # --- symbols and rules ---------------------------------------------------------------------
+
+    def _venue_symbol(self, symbol: str) -> str | None:
+        if symbol in self._symbols:
+            return self._symbols[symbol]
+        markets: dict[str, Any] = self.client.markets or {}
+        candidates = [symbol]
+        if ":" not in symbol and "/" in symbol and self.config.market_type != "spot":
+            quote = symbol.split("/", 1)[1]
+            base_coin = symbol.split("/", 1)[0]
+            settle = quote if self.config.market_type == "linear" else base_coin
+            candidates.insert(0, f"{symbol}:{settle}")
+        for candidate in candidates:
+            if candidate in markets:
+                self._symbols[symbol] = candidate
+                return candidate
+        return None
+
+    def rules(self, symbol: str) -> MarketRules | None:
+        venue = self._venue_symbol(symbol)
+        if venue is None:
+            return None
+        market = self.client.markets[venue]
+        precision = market.get("precision") or {}
+        limits = (market.get("limits") or {}).get("amount") or {}
+        step = _dec(precision.get("amount")) or Decimal("0.000001")
+        return MarketRules(
+            symbol,
+            tick_size=_dec(precision.get("price")) or Decimal("0.01"),
+            qty_step=step,
+            min_qty=_dec(limits.get("min")) or step,
+        )
+
+    # --- orders --------------------------------------------------------------------------------
+
+    async def place(self, child: ChildOrder, now_ns: int) -> PlaceResult:
+        venue = self._venue_symbol(child.symbol)
+        if venue is None:
+            raise OrderRefusedError(f"unknown symbol {child.symbol} on {self.name}")
+        params: dict[str, Any] = {"clientOrderId": child.client_order_id}
+        if child.reduce_only:
+            params["reduceOnly"] = True
+        price = float(child.price) if child.price is not None else None
+        try:
+            order = await self._call(
+                self.client.create_order,
+                venue,
+                child.type,
+                child.side.value.lower(),
+                float(child.qty),
+                price,
+                params,
+            )
+        except OrderRefusedError as exc:
+            if "duplicate" not in exc.reason.lower():
+                raise
+            # A retry after a timeout whose first attempt did land: it is placed already.
+            log.warning("%s: %s already placed (%s)", self.name, child.client_order_id, exc)
+            order = {"id": ""}
+        exchange_id = str(order.get("id") or "")
+        self._children[child.client_order_id] = (exchange_id, child.symbol)
+        self._open.add(child.client_order_id)
+        self._since_ms.setdefault(child.symbol, now_ns // 1_000_000 - 60_000)
+        return PlaceResult(exchange_id, (), child.qty)
+
+    async def cancel(self, client_order_id: str, now_ns: int) -> Decimal:
+        known = self._children.get(client_order_id)
+        if known is None:
+            return ZERO
+        exchange_id, symbol = known
+        venue = self._venue_symbol(symbol)
+        params = {"orderLinkId": client_order_id} if not exchange_id else {}
+        try:
+            order = await self._call(self.client.cancel_order, exchange_id, venue, params)
+        except OrderRefusedError as exc:
+            log.info("%s: cancel of %s refused: %s", self.name, client_order_id, exc)
+            self._open.discard(client_order_id)
+            return ZERO
+        self._open.discard(client_order_id)
+        return _dec(order.get("remaining")) or ZERO
+
+    async def poll_fills(self, now_ns: int) -> list[ExchangeFill]:
+        fills: list[ExchangeFill] = []
+        symbols = {self._children[c][1] for c in self._open if c in self._children}
+        for symbol in sorted(symbols):
+            venue = self._venue_symbol(symbol)
+            since = self._since_ms.get(symbol)
+            trades = await self._call(self.client.fetch_my_trades, venue, since)
+            for trade in trades:
+                fill = self._fill_from_trade(trade, symbol)
+                if fill is not None:
+                    fills.append(fill)
+        return fills
+
+    def _fill_from_trade(self, trade: dict[str, Any], symbol: str) -> ExchangeFill | None:
+        info = trade.get("info") or {}
+        client_id = str(info.get("orderLinkId") or trade.get("clientOrderId") or "")
+        trade_id = str(trade.get("id") or "")
+        if client_id not in self._children or not trade_id or trade_id in self._seen_trades:
+            return None
+        self._seen_trades.add(trade_id)
+        qty = _dec(trade.get("amount")) or ZERO
+        price = _dec(trade.get("price")) or ZERO
+        if qty <= 0 or price <= 0:
+            return None
+        fee = _dec((trade.get("fee") or {}).get("cost")) or ZERO
+        timestamp_ms = int(trade.get("timestamp") or 0)
+        self._since_ms[symbol] = max(self._since_ms.get(symbol, 0), timestamp_ms)
+        return ExchangeFill(
+            fill_id=f"{self.name}-{trade_id}",
+            client_order_id=client_id,
+            symbol=symbol,
+            side=Side(str(trade.get("side") or "buy").upper()),
+            qty=qty,
+            price=price,
+            fee=abs(fee),
+            liquidity="maker" if trade.get("takerOrMaker") == "maker" else "taker",
+            reference_price=price,
+            timestamp_ns=timestamp_ms * 1_000_000,
+        )
+
+    async def open_client_order_ids(self) -> list[str]:
+        ids: list[str] = []
+        for symbol in sorted({s for _, s in self._children.values()}):
+            orders = await self._call(self.client.fetch_open_orders, self._venue_symbol(symbol))
+            ids.extend(str(o.get("clientOrderId")) for o in orders if o.get("clientOrderId"))
+        return ids
+
+    # --- error mapping and retries --------------------------------------------------------------
+
+    async def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.config.retry_attempts),
+            wait=wait_exponential(
+                multiplier=self.config.retry_initial_s, max=self.config.retry_max_s
+            ),
+            retry=retry_if_exception_type(TransientError),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._once(func, *args)
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _once(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        try:
+            return await func(*args)
+        except NetworkError as exc:  # timeouts, 5xx, rate limits, maintenance
+            log.warning("%s: transient error: %s", self.name, exc)
+            raise TransientError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        except _REFUSALS as exc:
+            raise OrderRefusedError(f"{self.name}: {_message(exc)}") from exc
+        except (AuthenticationError, PermissionDenied) as exc:
+            raise PermanentError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        except CcxtExchangeError as exc:
+            raise PermanentError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _make_client(config: CcxtConfig) -> Any:
+    cls = getattr(ccxt_async, config.exchange_id)
+    client = cls(
+        {
+            "apiKey": config.api_key,
+            "secret": config.api_secret,
+            "enableRateLimit": True,
+            "timeout": config.timeout_ms,
+            "options": {
+                "defaultType": "swap" if config.market_type != "spot" else "spot",
+                "fetchMarkets": {"types": [config.market_type]},
+                # known account mode: saves two private calls per order
+                "enableUnifiedMargin": False,
+                "enableUnifiedAccount": True,
+            },
+        }
+    )
+    if config.testnet and config.api_url is None:
+        client.set_sandbox_mode(True)
+    if config.api_url is not None:
+        client.urls["api"] = {key: config.api_url for key in _API_KEYS}
+    client.has["fetchCurrencies"] = False
+    return client
+
+
+def _dec(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        result = Decimal(str(value))
+    except ArithmeticError:
+        return None
+    return result if result.is_finite() else None
+
+
+def _message(exc: BaseException) -> str:
+    """ccxt errors read `bybit {"retCode":..., "retMsg": "..."}`; keep it short."""
+    text = str(exc)
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,298 @@
+"""The ccxt adapter against a local fake Bybit v5 HTTP server (aiohttp), never the internet.
+
+The fake venue implements the few v5 endpoints the adapter uses: instruments-info,
+order/create (market orders fill at once, limits rest), order/cancel, order/realtime and
+execution/list. It enforces unique orderLinkIds and the instrument's minimum quantity, and
+can be told to answer the next requests with HTTP 503 (a transient failure).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from hean.core.bus import EventBus
+from hean.core.circuit_breaker import CircuitBreaker
+from hean.core.errors import TransientError
+from hean.core.types import Event, EventType, Side
+from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
+from hean.execution.exchange import ChildOrder, OrderRefusedError
+from hean.execution.ledger import RedisLedger
+from hean.execution.service import ExecutionService
+
+D = Decimal
+INSTRUMENT = {
+    "symbol": "BTCUSDT",
+    "contractType": "LinearPerpetual",
+    "status": "Trading",
+    "baseCoin": "BTC",
+    "quoteCoin": "USDT",
+    "settleCoin": "USDT",
+    "launchTime": "1585526400000",
+    "deliveryTime": "0",
+    "deliveryFeeRate": "",
+    "priceScale": "2",
+    "leverageFilter": {"minLeverage": "1", "maxLeverage": "100.00", "leverageStep": "0.01"},
+    "priceFilter": {"minPrice": "0.10", "maxPrice": "199999.80", "tickSize": "0.10"},
+    "lotSizeFilter": {
+        "maxOrderQty": "100.000",
+        "minOrderQty": "0.001",
+        "qtyStep": "0.001",
+        "postOnlyMaxOrderQty": "1000.000",
+        "maxMktOrderQty": "100.000",
+        "minNotionalValue": "5",
+    },
+    "unifiedMarginTrade": True,
+    "fundingInterval": 480,
+    "settleCoin_": "USDT",
+    "copyTrading": "both",
+    "upperFundingRate": "0.00375",
+    "lowerFundingRate": "-0.00375",
+}
+
+
+@dataclass
+class FakeBybit:
+    price: Decimal = field(default_factory=lambda: D("100"))
+    fail_next: int = 0
+    orders: dict[str, dict[str, Any]] = field(default_factory=dict)  # by orderLinkId
+    executions: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/v5/market/instruments-info", self.instruments)
+        app.router.add_post("/v5/order/create", self.create)
+        app.router.add_post("/v5/order/cancel", self.cancel)
+        app.router.add_get("/v5/order/realtime", self.realtime)
+        app.router.add_get("/v5/execution/list", self.execution_list)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests.append(f"{request.method} {request.path}")
+        private = request.path.startswith(("/v5/order", "/v5/execution"))
+        if private and not request.headers.get("X-BAPI-API-KEY"):
+            return _reply(None, code=10003, msg="API key is invalid.")
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return web.Response(status=503, text="Service Unavailable")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def instruments(self, request: web.Request) -> web.Response:
+        listed = [] if request.query.get("status") == "PreLaunch" else [INSTRUMENT]
+        return _reply({"category": "linear", "list": listed})
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        link = body.get("orderLinkId", "")
+        if link in self.orders:
+            return _reply(None, code=110072, msg="OrderLinkedID is duplicate")
+        qty = D(body["qty"])
+        if qty < D("0.001"):
+            return _reply(None, code=170136, msg="Order quantity below the lower limit")
+        if qty * self.price > D(5000):  # the fake account holds 5000 USDT
+            return _reply(None, code=110007, msg="ab not enough for new order")
+        order_id = f"bybit-{next(self.ids)}"
+        order = {
+            "orderId": order_id,
+            "orderLinkId": link,
+            "symbol": body["symbol"],
+            "side": body["side"],
+            "orderType": body["orderType"],
+            "qty": body["qty"],
+            "price": body.get("price", "0"),
+            "leavesQty": body["qty"],
+            "cumExecQty": "0",
+            "orderStatus": "New",
+        }
+        self.orders[link] = order
+        if body["orderType"] == "Market":
+            self._execute(order, qty, self.price, maker=False)
+        return _reply({"orderId": order_id, "orderLinkId": link})
+
+    def _execute(self, order: dict[str, Any], qty: Decimal, price: Decimal, maker: bool) -> None:
+        fee = qty * price * (D("0.0002") if maker else D("0.00055"))
+        self.executions.append(
+            {
+                "symbol": order["symbol"],
+                "orderId": order["orderId"],
+                "orderLinkId": order["orderLinkId"],
+                "side": order["side"],
+                "orderPrice": order["price"],
+                "orderQty": order["qty"],
+                "leavesQty": "0",
+                "orderType": order["orderType"],
+                "execFee": str(fee),
+                "feeCurrency": "USDT",
+                "execId": f"exec-{next(self.ids)}",
+                "execPrice": str(price),
+                "execQty": str(qty),
+                "execType": "Trade",
+                "execValue": str(qty * price),
+                "execTime": str(int(time.time() * 1000)),
+                "isMaker": maker,
+                "feeRate": "0.00055",
+                "closedSize": "0",
+                "seq": next(self.ids),
+            }
+        )
+        order.update(leavesQty="0", cumExecQty=str(qty), orderStatus="Filled")
+
+    def fill_resting(self, link: str) -> None:
+        order = self.orders[link]
+        self._execute(order, D(order["qty"]), D(order["price"]), maker=True)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        link = body.get("orderLinkId") or next(
+            (k for k, o in self.orders.items() if o["orderId"] == body.get("orderId")), ""
+        )
+        order = self.orders.get(link)
+        if order is None or order["orderStatus"] != "New":
+            return _reply(None, code=110001, msg="Order does not exist.")
+        order["orderStatus"] = "Cancelled"
+        return _reply({"orderId": order["orderId"], "orderLinkId": link})
+
+    async def realtime(self, request: web.Request) -> web.Response:
+        listed = [o for o in self.orders.values() if o["orderStatus"] == "New"]
+        return _reply({"category": "linear", "list": listed})
+
+    async def execution_list(self, request: web.Request) -> web.Response:
+        return _reply({"category": "linear", "list": list(reversed(self.executions))})
+
+
+def _reply(result: Any, code: int = 0, msg: str = "OK") -> web.Response:
+    body = {
+        "retCode": code,
+        "retMsg": msg,
+        "result": result if result is not None else {},
+        "retExtInfo": {},
+        "time": int(time.time() * 1000),
+    }
+    return web.json_response(body)
+
+
+@pytest.fixture
+async def venue() -> AsyncIterator[tuple[FakeBybit, str]]:
+    fake = FakeBybit()
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield fake, f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def exchange(venue) -> AsyncIterator[CcxtExchange]:
+    _fake, url = venue
+    config = CcxtConfig(
+        api_key="test-key",
+        api_secret="test-secret",
+        api_url=url,
+        retry_initial_s=0.01,
+        retry_max_s=0.05,
+    )
+    ex = CcxtExchange(config)
+    await ex.start()
+    yield ex
+    await ex.close()
+
+
+def child(cid: str, qty: str = "0.5", type_: str = "market", price: str | None = None):
+    return ChildOrder(cid, "p1", "BTC/USDT", Side.BUY, D(qty), type_, D(price) if price else None)  # type: ignore[arg-type]
+
+
+async def test_ccxt_rules_from_bybit_instrument(exchange):
+    rules = exchange.rules("BTC/USDT")
+    assert rules is not None
+    assert (rules.tick_size, rules.qty_step, rules.min_qty) == (D("0.1"), D("0.001"), D("0.001"))
+    assert exchange.rules("DOGE/USDT") is None
+
+
+async def test_ccxt_market_order_sends_client_id_and_fill_is_polled_once(venue, exchange):
+    fake, _ = venue
+    result = await exchange.place(child("ord-1-1"), time.time_ns())
+    assert result.exchange_order_id.startswith("bybit-")
+    assert "ord-1-1" in fake.orders
+    fills = await exchange.poll_fills(time.time_ns())
+    assert [(f.client_order_id, f.qty, f.price, f.liquidity) for f in fills] == [
+        ("ord-1-1", D("0.5"), D("100"), "taker")
+    ]
+    assert fills[0].fee == D("0.5") * D("100") * D("0.00055")
+    assert await exchange.poll_fills(time.time_ns()) == []
+
+
+async def test_ccxt_transient_503_retried_then_placed_once(venue, exchange):
+    fake, _ = venue
+    fake.fail_next = 2
+    await exchange.place(child("ord-2-1"), time.time_ns())
+    assert list(fake.orders) == ["ord-2-1"]
+    assert fake.requests.count("POST /v5/order/create") == 3
+
+
+async def test_ccxt_persistent_outage_raises_transient_error(venue, exchange):
+    fake, _ = venue
+    fake.fail_next = 10
+    with pytest.raises(TransientError):
+        await exchange.place(child("ord-3-1"), time.time_ns())
+    assert fake.requests.count("POST /v5/order/create") == 3  # retry_attempts, then give up
+
+
+async def test_ccxt_refusal_not_retried_and_carries_venue_reason(venue, exchange):
+    fake, _ = venue
+    with pytest.raises(OrderRefusedError, match="ab not enough for new order"):
+        await exchange.place(child("ord-4-1", qty="60"), time.time_ns())
+    assert fake.requests.count("POST /v5/order/create") == 1
+
+
+async def test_ccxt_duplicate_client_id_read_as_already_placed(venue, exchange):
+    fake, _ = venue
+    await exchange.place(child("ord-5-1"), time.time_ns())
+    again = await exchange.place(child("ord-5-1"), time.time_ns())
+    assert again.exchange_order_id == ""
+    assert len([o for o in fake.orders if o == "ord-5-1"]) == 1
+
+
+async def test_ccxt_limit_rests_is_listed_open_and_cancelled(venue, exchange):
+    fake, _ = venue
+    await exchange.place(child("ord-6-1", type_="limit", price="90.0"), time.time_ns())
+    assert await exchange.open_client_order_ids() == ["ord-6-1"]
+    await exchange.cancel("ord-6-1", time.time_ns())
+    assert fake.orders["ord-6-1"]["orderStatus"] == "Cancelled"
+    assert await exchange.open_client_order_ids() == []
+
+
+async def test_ccxt_execution_service_approval_to_fill_on_fake_bybit(venue, exchange, redis_client):
+    fake, _ = venue
+    bus = EventBus()
+    fills: list[Event] = []
+    bus.subscribe(EventType.ORDER_FILLED, fills.append)
+    svc = ExecutionService(
+        bus, exchange, ledger=RedisLedger(redis_client), breaker=CircuitBreaker("bybit")
+    )
+    await svc.start()
+    await bus.start()
+    approved = Event(
+        event_type=EventType.ORDER_APPROVED,
+        data={"order_id": "live-1", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"},
+    )
+    await bus.publish(approved)
+    await bus.publish(approved)  # redelivered: the ledger stops it before the venue
+    await bus.publish(Event(event_type=EventType.TICK, data={"symbol": "BTC/USDT", "price": "100"}))
+    await bus.flush(10)
+    assert list(fake.orders) == ["live-1-1"]
+    assert [(f.data["order_id"], f.data["filled_qty"]) for f in fills] == [("live-1", D("0.25"))]
+    assert fills[0].data["fill_id"].startswith("bybit-exec-")
+    await bus.stop()
