@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml libs/hean_common/pyproject.toml $(SERVICES)
 	touch $@
 
 run: install
-	$(BIN)/python -m hean.core.demo
+	$(BIN)/python -m hean.core.devrun
 
 test: install
 	$(BIN)/pytest -q -p no:cacheprovider

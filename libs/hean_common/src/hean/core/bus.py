@@ -234,6 +234,10 @@ class Transport(ABC):
     @abstractmethod
     async def stop(self, drain_timeout: float = 5.0) -> None: ...
 
+    async def stop_consuming(self, drain_timeout: float = 5.0) -> None:
+        """Stop taking new events and finish in-flight ones; publishing still works."""
+        await self.flush(drain_timeout)
+
     @abstractmethod
     async def publish(self, event: Event) -> None: ...
 
@@ -521,8 +525,8 @@ class RedisStreamsTransport(Transport):
             asyncio.create_task(self._claim_loop(), name="bus-claimer"),
         ]
 
-    async def stop(self, drain_timeout: float = 5.0) -> None:
-        """Stop reading, let in-flight handlers finish, flush acks and the outbox, close."""
+    async def stop_consuming(self, drain_timeout: float = 5.0) -> None:
+        """Stop reading and let in-flight handlers finish; publishing keeps working."""
         if not self._running:
             return
         self._running = False
@@ -534,6 +538,12 @@ class RedisStreamsTransport(Transport):
         for task in self._retry_tasks:
             task.cancel()
         await self._workers.stop(drain_timeout)
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop reading, let in-flight handlers finish, flush acks and the outbox, close."""
+        if not self._tasks:
+            return
+        await self.stop_consuming(drain_timeout)
         try:
             await self.flush(drain_timeout)
         except TimeoutError:
@@ -1035,6 +1045,7 @@ class EventBus:
         self._dispatcher = Dispatcher(metrics)
         self.transport.bind(self._dispatcher, metrics, source)
         self._started = False
+        self._closed = False
 
     @classmethod
     def redis(
@@ -1081,6 +1092,8 @@ class EventBus:
         """
         if not isinstance(event, Event):
             raise TypeError(f"publish() takes an Event, not {type(event).__name__}")
+        if self._closed:
+            raise RuntimeError("the event bus is stopped: publish refused")
         if not self._started:
             await self.start()
         stamped = event.with_context(source=self.source)
@@ -1090,11 +1103,19 @@ class EventBus:
     async def start(self) -> None:
         if not self._started:
             self._started = True
+            self._closed = False
             await self.transport.start()
 
+    async def stop_consuming(self, drain_timeout: float = 5.0) -> None:
+        """Stop taking new events and let in-flight handlers finish (shutdown, step one)."""
+        if self._started:
+            await self.transport.stop_consuming(drain_timeout)
+
     async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Finish in-flight work, deliver everything published, close. Later publishes fail."""
         if self._started:
             self._started = False
+            self._closed = True
             await self.transport.stop(drain_timeout)
 
     async def flush(self, timeout: float | None = None) -> None:

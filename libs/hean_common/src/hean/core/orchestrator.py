@@ -168,7 +168,8 @@ class TradingOrchestrator:
         )
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
-        """Stop the bus (drain in-flight work), then components in reverse order."""
+        """Stop consuming (in-flight handlers finish), stop components in reverse order, then
+        close the bus once everything they published is delivered."""
         if not self._running:
             return
         self._running = False
@@ -177,7 +178,7 @@ class TradingOrchestrator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
-        await self.bus.stop(drain_timeout)
+        await self.bus.stop_consuming(drain_timeout)
         for reg in reversed(list(self._components.values())):
             stop = getattr(reg.component, "stop", None)
             if stop is None or not reg.started:
@@ -189,6 +190,7 @@ class TradingOrchestrator:
             except Exception:
                 log.exception("component %s failed to stop cleanly", reg.name)
             reg.started = False
+        await self.bus.stop(drain_timeout)
         if self.reporter is not None:
             await self.reporter.withdraw(self.service_name, self.instance)
         log.info("%s stopped", self.service_name)
