@@ -85,6 +85,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def spawn(name: str, env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
+    log = (logs / f"{name}.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", f"hean.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
 async def run(url: str, rate: float, seconds: float, logs: Path) -> None:
     env = dict(
         os.environ,
@@ -97,15 +104,7 @@ async def run(url: str, rate: float, seconds: float, logs: Path) -> None:
         # 1000 round trips pay ~1.3 USDT each in fees and slippage: keep the kill switch out
         DAILY_DRAWDOWN_LIMIT="0.5",
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", f"hean.{name}"],
-            env=env,
-            stdout=(logs / f"{name}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        for name in SERVICES
-    ]
+    procs = [spawn(name, env, logs) for name in SERVICES]
     client = aioredis.Redis.from_url(url)
     sent: dict[str, float] = {}
     latencies: list[float] = []
