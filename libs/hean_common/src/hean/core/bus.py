@@ -392,9 +392,11 @@ class InMemoryTransport(Transport):
 @dataclass(slots=True)
 class _Outgoing:
     key: str
-    fields: dict[bytes, bytes]
+    payload: bytes
     maxlen: int | None
-    future: asyncio.Future[str]
+    event_type: str
+    # Only for events published by a handler: its input is acked once this resolves.
+    future: asyncio.Future[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +453,9 @@ class RedisStreamsTransport(Transport):
         self._client: aioredis.Redis | None = None
         self._reader: aioredis.Redis | None = None
         self._outbox: deque[_Outgoing] = deque()
+        self._published_seq = 0  # events accepted into the outbox so far
+        self._flushed_seq = 0  # of those, how many Redis has answered for
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._outbox_wakeup = asyncio.Event()
         self._acks: dict[str, list[str]] = {}
         self._ack_wakeup = asyncio.Event()
@@ -595,23 +600,26 @@ class RedisStreamsTransport(Transport):
         if len(self._outbox) >= self.config.max_queue_size:
             self._outbox_rejections += 1
             raise QueueFullError("the Redis outbox", self.config.max_queue_size)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        delivery = _current_delivery.get()
+        future: asyncio.Future[str] | None = None
+        if delivery is not None:
+            future = asyncio.get_running_loop().create_future()
+            delivery.outputs.append(future)
+        event_type = event.event_type
         self._outbox.append(
             _Outgoing(
-                key=stream_key(event.event_type),
-                fields={EVENT_FIELD: event.to_json()},
-                maxlen=stream_maxlen(event.event_type, self.config.stream_maxlen),
-                future=future,
+                stream_key(event_type),
+                event.to_json(),
+                stream_maxlen(event_type, self.config.stream_maxlen),
+                event_type.value,
+                future,
             )
         )
-        self._outbox_wakeup.set()
-        delivery = _current_delivery.get()
-        if delivery is not None:
-            delivery.outputs.append(future)
-        else:
-            # Nobody may await it; make sure a failure is still retrieved and logged.
-            future.add_done_callback(_log_future_error)
-        self._report_sizes()
+        self._published_seq += 1
+        if not self._outbox_wakeup.is_set():
+            self._outbox_wakeup.set()
+        if self.metrics is not None:
+            self._report_sizes()
 
     async def _flush_loop(self) -> None:
         backoff = Backoff(maximum=self.config.reconnect_max_s)
@@ -624,7 +632,15 @@ class RedisStreamsTransport(Transport):
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for item in batch:
-                        pipe.xadd(item.key, item.fields, maxlen=item.maxlen, approximate=True)  # type: ignore[arg-type]
+                        # XADD spelled out: redis-py's xadd() argument handling costs more
+                        # than the command itself at this rate.
+                        if item.maxlen is None:
+                            pipe.execute_command("XADD", item.key, "*", EVENT_FIELD, item.payload)
+                        else:
+                            pipe.execute_command(
+                                "XADD", item.key, "MAXLEN", "~", item.maxlen, "*",
+                                EVENT_FIELD, item.payload,
+                            )  # fmt: skip
                     results = await pipe.execute(raise_on_error=False)
             except _REDIS_DOWN as exc:
                 self._set_connected(False, exc)
@@ -632,30 +648,48 @@ class RedisStreamsTransport(Transport):
                 continue
             backoff.reset()
             self._set_connected(True)
+            published: dict[str, int] = {}
             for item, result in zip(batch, results, strict=True):
                 self._outbox.popleft()
-                if item.future.done():
-                    continue
+                self._flushed_seq += 1
                 if isinstance(result, Exception):
-                    item.future.set_exception(result)
-                else:
+                    # Redis refused this entry (not a connection problem): retrying cannot
+                    # help. A handler's output failing keeps its input unacked.
+                    log.error("Redis refused a %s event: %s", item.event_type, result)
+                    if item.future is not None and not item.future.done():
+                        item.future.set_exception(result)
+                    continue
+                published[item.event_type] = published.get(item.event_type, 0) + 1
+                if item.future is not None and not item.future.done():
                     item.future.set_result(as_str(result))
-                    if self.metrics is not None:
-                        etype = item.key.rsplit(":", 1)[-1]
-                        self.metrics.events_published.labels(etype).inc()
-            self._report_sizes()
+            self._wake_flush_waiters()
+            if self.metrics is not None:
+                for etype, count in published.items():
+                    self.metrics.events_published.labels(etype).inc(count)
+                self._report_sizes()
+
+    def _wake_flush_waiters(self) -> None:
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for target, waiter in self._flush_waiters:
+            if self._flushed_seq >= target:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                still.append((target, waiter))
+        self._flush_waiters = still
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until everything published so far is in Redis and every ack is sent."""
 
         async def drained() -> None:
-            while self._outbox or any(self._acks.values()):
-                pending = [o.future for o in self._outbox]
-                if pending:
-                    await asyncio.wait(pending)
-                else:
-                    self._ack_wakeup.set()
-                    await asyncio.sleep(0.005)
+            target = self._published_seq
+            if self._flushed_seq < target:
+                waiter = asyncio.get_running_loop().create_future()
+                self._flush_waiters.append((target, waiter))
+                await waiter
+            while any(self._acks.values()):
+                self._ack_wakeup.set()
+                await asyncio.sleep(0.005)
 
         await asyncio.wait_for(drained(), timeout)
 
@@ -1014,11 +1048,6 @@ class RedisStreamsTransport(Transport):
             dead_letters=self.dead_letter_count,
             error_message=message,
         )
-
-
-def _log_future_error(future: asyncio.Future[str]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("publish failed: %s", future.exception())
 
 
 class EventBus:

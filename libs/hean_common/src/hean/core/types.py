@@ -280,11 +280,16 @@ class FrozenDict(dict[str, Any]):
         return {k: _thaw(v) for k, v in self.items()}
 
 
+_ATOMIC = (str, int, float, Decimal, type(None))
+
+
 def _freeze(value: Any) -> Any:
     if isinstance(value, FrozenDict):
         return value
     if isinstance(value, Mapping):
-        return FrozenDict({str(k): _freeze(v) for k, v in value.items()})
+        return FrozenDict(
+            {str(k): v if isinstance(v, _ATOMIC) else _freeze(v) for k, v in value.items()}
+        )
     if isinstance(value, list | tuple):
         return tuple(_freeze(v) for v in value)
     return value
@@ -460,7 +465,19 @@ class Event(BaseModel):
             updates["correlation_id"] = (
                 parent.correlation_id or parent.event_id if parent is not None else self.event_id
             )
-        return self.model_copy(update=updates) if updates else self
+        if not updates:
+            return self
+        # A shallow copy with two fields replaced: everything was validated when this event
+        # was built, and publish() runs this for every event (pydantic's model_copy costs
+        # several times more).
+        stamped = object.__new__(type(self))
+        object.__setattr__(stamped, "__dict__", {**self.__dict__, **updates})
+        object.__setattr__(
+            stamped, "__pydantic_fields_set__", self.__pydantic_fields_set__ | updates.keys()
+        )
+        object.__setattr__(stamped, "__pydantic_extra__", None)
+        object.__setattr__(stamped, "__pydantic_private__", None)
+        return stamped
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         # Iterating over an event (dict(event)) yields its wire form, not pydantic internals.
