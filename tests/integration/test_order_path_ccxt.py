@@ -296,3 +296,44 @@ async def test_ccxt_execution_service_approval_to_fill_on_fake_bybit(venue, exch
     assert [(f.data["order_id"], f.data["filled_qty"]) for f in fills] == [("live-1", D("0.25"))]
     assert fills[0].data["fill_id"].startswith("bybit-exec-")
     await bus.stop()
+
+
+async def test_ccxt_restart_reconciles_open_venue_order_by_cancelling_it(venue, redis_client):
+    fake, url = venue
+    config = CcxtConfig(api_key="k", api_secret="s", api_url=url, retry_initial_s=0.01)
+    first = CcxtExchange(config)
+    bus = EventBus()
+    svc = ExecutionService(bus, first, ledger=RedisLedger(redis_client))
+    await svc.start()
+    await bus.start()
+    await bus.publish(
+        Event(
+            event_type=EventType.ORDER_APPROVED,
+            data={
+                "order_id": "rest-1",
+                "symbol": "BTC/USDT",
+                "side": "BUY",
+                "size": "0.5",
+                "type": "limit",
+                "price": "90",
+            },
+        )
+    )
+    await bus.flush(10)
+    assert fake.orders["rest-1-1"]["orderStatus"] == "New"
+    await bus.stop()
+    await first.close()  # the process dies with its order resting on the venue
+
+    second = CcxtExchange(config)
+    bus = EventBus()
+    cancelled: list[Event] = []
+    bus.subscribe(EventType.ORDER_CANCELLED, cancelled.append)
+    svc = ExecutionService(bus, second, ledger=RedisLedger(redis_client))
+    await svc.start()  # reconciles before subscribing to new work
+    await bus.start()
+    await bus.flush(10)
+    assert fake.orders["rest-1-1"]["orderStatus"] == "Cancelled"
+    assert [c.data["order_id"] for c in cancelled] == ["rest-1"]
+    assert svc.reconciled == ["rest-1"]
+    await bus.stop()
+    await second.close()

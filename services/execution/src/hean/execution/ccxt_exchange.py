@@ -18,8 +18,8 @@ nothing here talks to the internet on its own.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -64,8 +64,8 @@ _API_KEYS = ("spot", "futures", "v2", "public", "private")
 @dataclass(frozen=True, slots=True)
 class CcxtConfig:
     exchange_id: str = "bybit"
-    api_key: str = ""
-    api_secret: str = ""
+    api_key: str = field(default="", repr=False)
+    api_secret: str = field(default="", repr=False)
     testnet: bool = True
     market_type: str = "linear"  # bybit: spot | linear | inverse
     api_url: str | None = None  # override every API url (a local fake venue in tests)
@@ -159,12 +159,14 @@ class CcxtExchange(Exchange):
         self._since_ms.setdefault(child.symbol, now_ns // 1_000_000 - 60_000)
         return PlaceResult(exchange_id, (), child.qty)
 
-    async def cancel(self, client_order_id: str, now_ns: int) -> Decimal:
+    async def cancel(self, client_order_id: str, now_ns: int, symbol: str | None = None) -> Decimal:
         known = self._children.get(client_order_id)
         if known is None:
-            return ZERO
-        exchange_id, symbol = known
-        venue = self._venue_symbol(symbol)
+            if symbol is None:
+                return ZERO
+            known = ("", symbol)  # placed by an earlier run: cancel by client order id
+        exchange_id, our_symbol = known
+        venue = self._venue_symbol(our_symbol)
         params = {"orderLinkId": client_order_id} if not exchange_id else {}
         try:
             order = await self._call(self.client.cancel_order, exchange_id, venue, params)
@@ -215,11 +217,18 @@ class CcxtExchange(Exchange):
             timestamp_ns=timestamp_ms * 1_000_000,
         )
 
-    async def open_client_order_ids(self) -> list[str]:
+    async def open_client_order_ids(self, symbols: Collection[str] = ()) -> list[str]:
         ids: list[str] = []
-        for symbol in sorted({s for _, s in self._children.values()}):
-            orders = await self._call(self.client.fetch_open_orders, self._venue_symbol(symbol))
-            ids.extend(str(o.get("clientOrderId")) for o in orders if o.get("clientOrderId"))
+        for symbol in sorted({s for _, s in self._children.values()} | set(symbols)):
+            venue = self._venue_symbol(symbol)
+            if venue is None:
+                continue
+            orders = await self._call(self.client.fetch_open_orders, venue)
+            for order in orders:
+                client_id = order.get("clientOrderId")
+                if client_id:
+                    ids.append(str(client_id))
+                    self._children.setdefault(str(client_id), (str(order.get("id")), symbol))
         return ids
 
     # --- error mapping and retries --------------------------------------------------------------

@@ -8,6 +8,7 @@ if our own deduplication were bypassed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_FLOOR, Decimal
 from typing import Literal
@@ -125,8 +126,11 @@ class Exchange(ABC):
         """Send `child`; return the venue's id, any immediate fills and the open remainder."""
 
     @abstractmethod
-    async def cancel(self, client_order_id: str, now_ns: int) -> Decimal:
-        """Cancel what is left of a child; return the cancelled quantity (0 if none)."""
+    async def cancel(self, client_order_id: str, now_ns: int, symbol: str | None = None) -> Decimal:
+        """Cancel what is left of a child; return the cancelled quantity (0 if none).
+
+        `symbol` lets an adapter cancel a child it did not place in this process (after a
+        restart)."""
 
     async def on_market_data(
         self, symbol: str, price: Decimal, volume: Decimal, now_ns: int
@@ -138,6 +142,7 @@ class Exchange(ABC):
         """Fills of resting orders reported by the venue since the last poll."""
         return []
 
-    async def open_client_order_ids(self) -> list[str]:
-        """Client ids of our orders still open on the venue (for reconciliation)."""
+    async def open_client_order_ids(self, symbols: Collection[str] = ()) -> list[str]:
+        """Client ids of our orders still open on the venue (for reconciliation), looking at
+        `symbols` as well as the symbols this process traded."""
         return []

@@ -18,7 +18,7 @@ Model (all figures configurable, see `PaperConfig`):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 
@@ -119,7 +119,7 @@ class PaperExchange(Exchange):
             self.resting[child.client_order_id] = resting
         return PlaceResult(exchange_id, tuple(fills), resting.open_qty)
 
-    async def cancel(self, client_order_id: str, now_ns: int) -> Decimal:
+    async def cancel(self, client_order_id: str, now_ns: int, symbol: str | None = None) -> Decimal:
         resting = self.resting.pop(client_order_id, None)
         return resting.open_qty if resting is not None else ZERO
 
@@ -147,7 +147,7 @@ class PaperExchange(Exchange):
                 del self.resting[client_id]
         return fills
 
-    async def open_client_order_ids(self) -> list[str]:
+    async def open_client_order_ids(self, symbols: Collection[str] = ()) -> list[str]:
         return list(self.resting)
 
     def _fill(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from decimal import Decimal
 from typing import Annotated, Any, Literal, cast
 
@@ -162,6 +162,8 @@ class ExecutionService:
         self.metrics = metrics
         self.breaker = breaker or CircuitBreaker("exchange")
         self.parents: dict[str, ParentOrder] = {}
+        # finished parents, so a venue's late fill of a cancelled child is still reported
+        self._finished: OrderedDict[str, ParentOrder] = OrderedDict()
         self._child_parent: dict[str, str] = {}
         self._volumes: dict[str, deque[Decimal]] = {}
         self._candle_history = candle_history
@@ -194,10 +196,11 @@ class ExecutionService:
         leftovers = await self.ledger.open_orders()
         if not leftovers:
             return
-        venue_open = set(await self.exchange.open_client_order_ids())
+        symbols = {info["symbol"] for info in leftovers.values() if info.get("symbol")}
+        venue_open = set(await self.exchange.open_client_order_ids(symbols))
         for order_id, info in leftovers.items():
             for client_id in [c for c in venue_open if c.startswith(f"{order_id}-")]:
-                await self.exchange.cancel(client_id, 0)
+                await self.exchange.cancel(client_id, 0, info.get("symbol"))
             filled = info.get("filled", "0")
             await self.bus.publish(
                 Event(
@@ -331,7 +334,9 @@ class ExecutionService:
 
     async def _on_exchange_fill(self, fill: ExchangeFill) -> None:
         order_id = self._child_parent.get(fill.client_order_id)
-        parent = self.parents.get(order_id) if order_id is not None else None
+        parent = None
+        if order_id is not None:
+            parent = self.parents.get(order_id) or self._finished.get(order_id)
         if parent is None:
             log.error("fill %s for unknown child %s", fill.fill_id, fill.client_order_id)
             return
@@ -362,7 +367,7 @@ class ExecutionService:
             )
         )
         await self.ledger.record_fill(parent.order_id, str(parent.filled_qty))
-        if parent.status is ParentStatus.FILLED:
+        if parent.status is ParentStatus.FILLED and parent.order_id in self.parents:
             await self._finish(parent)
 
     async def _reject(self, order_id: str, symbol: str, reason: str) -> None:
@@ -403,9 +408,10 @@ class ExecutionService:
         if self.metrics is not None:
             self.metrics.order_fill_ratio.observe(float(parent.filled_qty / parent.size))
         self.parents.pop(parent.order_id, None)
-        for client_id in [c for c, p in self._child_parent.items() if p == parent.order_id]:
-            # keep late fills of a cancelled child attributable: only drop filled parents
-            if parent.status is ParentStatus.FILLED:
+        self._finished[parent.order_id] = parent
+        while len(self._finished) > 10_000:
+            _, old = self._finished.popitem(last=False)
+            for client_id in [c for c, p in self._child_parent.items() if p == old.order_id]:
                 del self._child_parent[client_id]
 
     def _count_api_error(self, exc: BaseException) -> None:
