@@ -354,3 +354,18 @@ async def test_limits_never_exceeded_whichever_approved_orders_fill(orders):
             gross += notional
         assert gross <= D(8000)
         assert gross / gov.equity <= D(3)
+
+
+async def test_guide_example_module_plugs_into_governor_unchanged():
+    from examples.guide.custom_risk_check import CustomRiskCheck as GuideCheck
+
+    class OverOneBtc(GuideCheck):  # the guide leaves is_too_risky to the user
+        def is_too_risky(self, order):
+            return order["size"] > D(1)
+
+    gov = governor()
+    await OverOneBtc(gov.check_bus("guide")).start()  # type: ignore[arg-type]
+    assert (await gov.decide(request("small", "BUY", "1"))).approved
+    big = await gov.decide(request("big", "BUY", "2"))
+    assert not big.approved
+    assert big.reason == "guide: Risk limit exceeded"
