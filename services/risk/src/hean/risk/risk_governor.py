@@ -378,7 +378,8 @@ class RiskGovernor:
         return position != 0 and (position > 0) != (signed > 0) and size <= abs(position)
 
     def evaluate(self, order: OrderRequestData, timestamp_ns: int) -> Decision:
-        """Run the built-in and registered sync checks (no state change)."""
+        """Run the built-in and registered sync checks. Changes no state except rolling
+        the UTC day forward when the order's time is in a new day."""
         reasons: list[str] = []
         symbol, side, size = order.symbol, order.side, order.size
         reducing = self.is_reducing(symbol, side, size)
