@@ -73,6 +73,9 @@ class TradingOrchestrator:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         health_check_timeout: float = 2.0,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 60.0,
+        success_threshold: int = 2,
     ) -> None:
         self.bus = bus
         self.service_name = service_name or "hean"
@@ -82,6 +85,8 @@ class TradingOrchestrator:
         self._clock = clock
         self._wall_clock = wall_clock
         self._health_check_timeout = health_check_timeout
+        # Breaker thresholds for components registered without their own (CB_* settings).
+        self._breaker_defaults = (failure_threshold, recovery_timeout, success_threshold)
         self._components: dict[str, _Registered] = {}
         self._running = False
         self._started_at: float | None = None
@@ -94,9 +99,9 @@ class TradingOrchestrator:
         name: str,
         component: Any,
         circuit_breaker: bool = True,
-        failure_threshold: int = 5,
-        timeout: float = 60.0,
-        success_threshold: int = 2,
+        failure_threshold: int | None = None,
+        timeout: float | None = None,
+        success_threshold: int | None = None,
         *,
         critical: bool = True,
     ) -> None:
@@ -104,7 +109,8 @@ class TradingOrchestrator:
 
         With `circuit_breaker=True`, calls made through `execute_with_circuit_breaker(name,
         ...)` open the breaker after `failure_threshold` consecutive failures, try again
-        after `timeout` seconds and close after `success_threshold` successes. A component
+        after `timeout` seconds and close after `success_threshold` successes (unset: the
+        orchestrator's defaults, 5 / 60 s / 2, or the CB_* settings in a service). A component
         that is not `critical` makes the service degraded, never unhealthy.
         """
         if not name or name == EVENT_BUS_COMPONENT:
@@ -113,12 +119,13 @@ class TradingOrchestrator:
             raise ValueError(f"component {name!r} is already registered")
         if self._running:
             raise RuntimeError("register components before start()")
+        default_failures, default_timeout, default_successes = self._breaker_defaults
         breaker = (
             CircuitBreaker(
                 name,
-                failure_threshold=failure_threshold,
-                recovery_timeout=timeout,
-                success_threshold=success_threshold,
+                failure_threshold=failure_threshold or default_failures,
+                recovery_timeout=timeout or default_timeout,
+                success_threshold=success_threshold or default_successes,
                 clock=self._clock,
             )
             if circuit_breaker

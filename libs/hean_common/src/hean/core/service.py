@@ -81,6 +81,9 @@ async def serve(
         instance=consumer.split(":", 1)[1] if ":" in consumer else consumer,
         metrics=metrics,
         reporter=reporter,
+        failure_threshold=settings.cb_failure_threshold,
+        recovery_timeout=settings.cb_recovery_timeout_s,
+        success_threshold=settings.cb_success_threshold,
     )
     ctx = ServiceContext(name, settings, bus, metrics, orchestrator, client)
     result = build(ctx)
