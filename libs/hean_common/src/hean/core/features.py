@@ -52,6 +52,7 @@ from hean.core.candles import Candle
 
 __all__ = [
     "FEATURE_NAMES",
+    "FEATURE_VERSION",
     "LONGEST_WINDOW",
     "WARMUP_BARS",
     "FeatureEngine",
@@ -93,6 +94,10 @@ FEATURE_NAMES: tuple[str, ...] = (
     "oc_ret",
 )
 """Feature names in the order models consume them."""
+
+FEATURE_VERSION = "f24.1"
+"""Version of the feature definitions; bump when any definition or the warm-up changes, so
+a consumer can tell features computed by different code apart."""
 
 _EMA_SPANS: tuple[int, ...] = tuple(sorted({*EMA_RATIO_SPANS, MACD_FAST, MACD_SLOW}))
 
@@ -440,6 +445,12 @@ class FeatureEngines:
 
     def __getitem__(self, symbol: str) -> FeatureEngine:
         return self._engines[symbol]
+
+    def put(self, engine: FeatureEngine) -> None:
+        """Install `engine` (e.g. restored from a snapshot) for its symbol."""
+        if engine.symbol is None:
+            raise ValueError("an engine needs a symbol to be installed")
+        self._engines[engine.symbol] = engine
 
     def __contains__(self, symbol: object) -> bool:
         return symbol in self._engines

@@ -1,0 +1,289 @@
+"""features wiring: CANDLE in, FEATURES_READY out, engine state in Redis.
+
+Each candle's handler waits until its FEATURES_READY is in Redis and the engine state after
+the candle is saved, so the bus acks the candle only then: a crash before that redelivers
+the candle (the restored engine has not seen it, so it is processed again), a crash after
+it finds the candle already in the saved state (ignored as stale). State therefore survives
+restarts without a new warm-up.
+
+Batching (FEATURE_BATCH_SIZE, FEATURE_BATCH_TIMEOUT ms): feature rows ready at the same
+time (several symbols, handled on parallel bus workers) go out together, one bus flush and
+one state write per batch. A batch is sent when it is full or when its oldest row has
+waited FEATURE_BATCH_TIMEOUT, so a lone row is never delayed longer than that.
+A batch also counts as full once it holds a row of every symbol seen lately (see
+`EventBatcher`). FEATURE_BATCH_TIMEOUT=0 sends every row at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
+from pydantic import Field
+
+from hean.core.bus import EventBus
+from hean.core.candles import Candle
+from hean.core.errors import PermanentError
+from hean.core.event_streams import as_str
+from hean.core.metrics import Metrics
+from hean.core.service import ServiceContext
+from hean.core.settings import CoreSettings, MLSettings
+from hean.core.types import Event, EventType
+from hean.features.core import BadCandleError, FeatureCore, candle_from_event
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "features"
+
+
+class FeaturesSettings(CoreSettings, MLSettings):
+    features_state_key: str = Field(default="", alias="FEATURES_STATE_KEY")
+    features_flush_timeout_s: float = Field(default=10.0, gt=0, alias="FEATURES_FLUSH_TIMEOUT_S")
+
+    @property
+    def state_key(self) -> str:
+        return self.features_state_key or f"hean:features:{self.service_name}:state"
+
+
+class EngineStore:
+    """Engine snapshots per symbol in one Redis hash."""
+
+    def __init__(self, client: aioredis.Redis, key: str) -> None:
+        self.client = client
+        self.key = key
+
+    async def load(self) -> dict[str, dict[str, Any]]:
+        raw = await self.client.hgetall(self.key)
+        return {as_str(k): orjson.loads(v) for k, v in raw.items()}
+
+    async def save(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        if states:
+            await self.client.hset(
+                self.key, mapping={s: orjson.dumps(dict(v)) for s, v in states.items()}
+            )
+
+
+@dataclass(slots=True)
+class _Item:
+    event: Event
+    symbol: str
+    state: dict[str, Any]
+    done: asyncio.Future[None]
+    queued_at: float = field(default=0.0)
+
+
+PublishBatch = Callable[[list[_Item]], Awaitable[None]]
+
+
+class EventBatcher:
+    """Collects items; sends a batch when it is full or its oldest item has waited
+    `timeout_s`. `submit` returns once its item's batch is sent (or raises its error).
+
+    Full means `size` items, or one item from every symbol active lately (seen within
+    `active_window_s`), whichever is fewer: a symbol's next row cannot join before its
+    current one is sent (the bus handles one event per symbol at a time), so waiting for
+    more would only add the timeout to every row.
+    """
+
+    def __init__(
+        self,
+        send: PublishBatch,
+        *,
+        size: int,
+        timeout_s: float,
+        active_window_s: float = 1.0,
+    ) -> None:
+        self.send = send
+        self.size = size
+        self.timeout_s = timeout_s
+        self.active_window_s = max(active_window_s, 4 * timeout_s)
+        self._seen: dict[str, float] = {}
+        self._items: list[_Item] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+
+    async def submit(self, event: Event, symbol: str, state: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        item = _Item(event, symbol, state, loop.create_future(), loop.time())
+        self._items.append(item)
+        self._seen[symbol] = item.queued_at
+        if len(self._items) >= self._target(item.queued_at) or self.timeout_s <= 0:
+            await self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.timeout_s, self._on_timer)
+        await item.done
+
+    def _target(self, now: float) -> int:
+        horizon = now - self.active_window_s
+        for symbol in [s for s, t in self._seen.items() if t < horizon]:
+            del self._seen[symbol]
+        return max(1, min(self.size, len(self._seen)))
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        task = asyncio.create_task(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items, self._items = self._items, []
+        if not items:
+            return
+        async with self._lock:  # batches go out in the order they were closed
+            try:
+                await self.send(items)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
+                for item in items:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+                return
+            self.batches += 1
+            for item in items:
+                if not item.done.done():
+                    item.done.set_result(None)
+
+
+class FeaturesService:
+    """Feeds candles to the `FeatureCore` and publishes FEATURES_READY (module docstring)."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        core: FeatureCore,
+        store: EngineStore,
+        *,
+        batch_size: int = 10,
+        batch_timeout_ms: float = 50.0,
+        flush_timeout_s: float = 10.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.bus = bus
+        self.core = core
+        self.store = store
+        self.metrics = metrics
+        self.flush_timeout_s = flush_timeout_s
+        self.batcher = EventBatcher(self._send, size=batch_size, timeout_s=batch_timeout_ms / 1000)
+        registry = metrics.registry if metrics is not None else None
+        self.m_published = Counter(
+            "hean_features_published_total", "FEATURES_READY published", ["symbol"],
+            registry=registry,
+        )  # fmt: skip
+        self.m_stale = Counter(
+            "hean_features_stale_candles_total",
+            "Candles ignored: not after the last processed bar (redelivered or old)",
+            ["symbol"],
+            registry=registry,
+        )
+        self.m_batch = Histogram(
+            "hean_features_batch_size",
+            "FEATURES_READY events per published batch",
+            buckets=(1, 2, 5, 10, 20, 50, 100),
+            registry=registry,
+        )
+        self._persisted: dict[str, dict[str, Any]] = {}
+        self.restored_symbols: tuple[str, ...] = ()
+        self.published = 0
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        states = await self.store.load()
+        for symbol, state in states.items():
+            try:
+                self.core.restore(symbol, state)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("discarding unreadable engine snapshot of %s: %s", symbol, exc)
+                continue
+            self._persisted[symbol] = state
+        self.restored_symbols = tuple(self._persisted)
+        if self.restored_symbols:
+            log.info(
+                "restored feature engines: %s",
+                ", ".join(
+                    f"{s} ({self.core.engines[s].bars_seen} bars)" for s in self.restored_symbols
+                ),
+            )
+        self.bus.subscribe(EventType.CANDLE, self.on_candle, name="features.on_candle")
+
+    async def on_candle(self, event: Event) -> None:
+        started = time.perf_counter()
+        try:
+            candle = candle_from_event(event.data, event.timestamp)
+        except BadCandleError as exc:
+            raise PermanentError(f"CANDLE {event.event_id}: {exc}") from exc
+        outcome = self.core.on_candle(candle)
+        if outcome.stale:
+            self.m_stale.labels(candle.symbol).inc()
+            log.debug("stale candle %s ignored (%s)", event.event_id, candle.symbol)
+            return
+        state = self.core.snapshot(candle.symbol)
+        try:
+            if outcome.features is None:  # warming up: only the state changes
+                await self.store.save({candle.symbol: state})
+                self._persisted[candle.symbol] = state
+                return
+            features_event = Event(
+                event_type=EventType.FEATURES_READY,
+                data=self.core.features_data(candle, outcome.features),
+                correlation_id=event.correlation_id or event.event_id,
+            )
+            await self.batcher.submit(features_event, candle.symbol, state)
+        except BaseException:
+            # Not saved: forget the candle so its redelivery is processed again.
+            self._rollback(candle)
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.latency_seconds.labels(stage="features").observe(
+                    time.perf_counter() - started
+                )
+
+    def _rollback(self, candle: Candle) -> None:
+        self.core.restore(candle.symbol, self._persisted.get(candle.symbol))
+
+    async def _send(self, items: list[_Item]) -> None:
+        try:
+            for item in items:
+                await self.bus.publish(item.event)
+            await self.bus.flush(self.flush_timeout_s)
+            states = {item.symbol: item.state for item in items}  # the latest per symbol
+            await self.store.save(states)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise
+        self.last_error = None
+        self._persisted.update(states)
+        self.published += len(items)
+        self.m_batch.observe(len(items))
+        for item in items:
+            self.m_published.labels(item.symbol).inc()
+
+    def health_check(self) -> dict[str, Any]:
+        if self.last_error is not None:
+            return {"state": "degraded", "error_message": f"last batch failed: {self.last_error}"}
+        return {"state": "healthy"}
+
+
+def build(ctx: ServiceContext) -> None:
+    settings = cast(FeaturesSettings, ctx.settings)
+    service = FeaturesService(
+        ctx.bus,
+        FeatureCore(),
+        EngineStore(ctx.redis, settings.state_key),
+        batch_size=settings.feature_batch_size,
+        batch_timeout_ms=settings.feature_batch_timeout_ms,
+        flush_timeout_s=settings.features_flush_timeout_s,
+        metrics=ctx.metrics,
+    )
+    ctx.orchestrator.register_component(name=COMPONENT, component=service, circuit_breaker=False)

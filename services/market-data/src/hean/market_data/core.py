@@ -1,0 +1,165 @@
+"""Pure decisions of the market-data service: no I/O, no clock reads.
+
+- `ticks_for_bar`: the TICKs replayed inside one bar (open, the nearer extreme, the other
+  extreme, close), with the bar's volume split so the ticks sum to it exactly.
+- `replay_shift_ns` / `replay_offset_s`: where a looped replay puts its bars in time, and
+  when (after the start) a bar is due at a given speed.
+- `BarTracker`: the live feed's memory of the last published bar per symbol. It turns what
+  an exchange returned into the bars to publish: closed bars strictly after the last one
+  (nothing twice, nothing out of order, whatever a reconnect or an overlapping poll returns),
+  plus the gaps between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+
+from hean.core.candles import Candle
+
+NS_PER_SECOND = 1_000_000_000
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def timeframe_ns(timeframe: str) -> int:
+    """`"1m"` -> 60e9. Accepts `<n><s|m|h|d|w>`; raises `ValueError` otherwise."""
+    text = timeframe.strip()
+    unit = text[-1:].lower()
+    count = text[:-1]
+    if unit not in _UNIT_SECONDS or not count.isdigit() or int(count) <= 0:
+        raise ValueError(f"unsupported timeframe {timeframe!r} (use e.g. 1m, 5m, 1h, 1d)")
+    return int(count) * _UNIT_SECONDS[unit] * NS_PER_SECOND
+
+
+@dataclass(frozen=True, slots=True)
+class TickSpec:
+    """One replayed trade inside a bar."""
+
+    price: Decimal
+    volume: Decimal
+    timestamp_ns: int
+
+
+def ticks_for_bar(candle: Candle, bar_ns: int) -> tuple[TickSpec, ...]:
+    """Four ticks that reproduce the bar: open, low then high on an up bar (high then low on
+    a down bar: the usual assumption that price passes the nearer extreme first), close.
+
+    Times are spread over the bar (0, 1/4, 1/2, 3/4 of it, all before the bar closes); each
+    tick carries a quarter of the volume and the last one the remainder, so they sum to the
+    bar's volume exactly.
+    """
+    up = candle.close >= candle.open
+    prices = (
+        candle.open,
+        candle.low if up else candle.high,
+        candle.high if up else candle.low,
+        candle.close,
+    )
+    part = candle.volume / 4
+    volumes = (part, part, part, candle.volume - 3 * part)
+    step = bar_ns // 4
+    return tuple(
+        TickSpec(price=p, volume=v, timestamp_ns=candle.timestamp_ns + i * step)
+        for i, (p, v) in enumerate(zip(prices, volumes, strict=True))
+    )
+
+
+def replay_shift_ns(first_ns: int, last_ns: int, bar_ns: int, loop_index: int) -> int:
+    """Time shift of a replay's `loop_index`-th pass (0 for the first), so that time keeps
+    going forward across loops: each pass starts one bar after the previous one ended."""
+    return loop_index * (last_ns - first_ns + bar_ns)
+
+
+def replay_offset_s(bars_done: int, bar_ns: int, speed: float) -> float:
+    """Seconds after the replay started at which bar number `bars_done` (0-based) is due,
+    at `speed` times real time. 0 for speed 0 (as fast as consumers keep up)."""
+    if speed <= 0:
+        return 0.0
+    return bars_done * bar_ns / NS_PER_SECOND / speed
+
+
+def shifted(candle: Candle, symbol: str, shift_ns: int) -> Candle:
+    """The candle relabelled for `symbol` and moved `shift_ns` later."""
+    if shift_ns == 0 and candle.symbol == symbol:
+        return candle
+    return replace(candle, symbol=symbol, timestamp_ns=candle.timestamp_ns + shift_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Bars missing between two published bars of one symbol."""
+
+    symbol: str
+    after_ns: int
+    next_ns: int
+    missing_bars: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.symbol}: {self.missing_bars} bar(s) missing between "
+            f"{self.after_ns} and {self.next_ns} (ns)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TrackResult:
+    """What to do with one answer from the exchange for one symbol."""
+
+    publish: tuple[Candle, ...]
+    gaps: tuple[Gap, ...]
+    already_seen: int
+    forming: Candle | None
+
+
+@dataclass
+class BarTracker:
+    """Last published bar per symbol (bar open time, ns); see the module docstring."""
+
+    bar_ns: int
+    last_bar_ns: dict[str, int] = field(default_factory=dict)
+
+    def since_ns(self, symbol: str) -> int | None:
+        """Where the next fetch should start: the bar after the last published one."""
+        last = self.last_bar_ns.get(symbol)
+        return None if last is None else last + self.bar_ns
+
+    def accept(self, symbol: str, rows: Iterable[Candle], now_ns: int) -> TrackResult:
+        """Decide which of `rows` (any order, may overlap earlier answers) to publish.
+
+        A bar is closed once `now_ns` has reached its end; the newest still-open bar is
+        returned as `forming` (its close is the latest traded price). Bars at or before the
+        last published one are counted in `already_seen` and dropped.
+        """
+        ordered = sorted(rows, key=lambda c: c.timestamp_ns)
+        last = self.last_bar_ns.get(symbol)
+        publish: list[Candle] = []
+        gaps: list[Gap] = []
+        seen = 0
+        forming: Candle | None = None
+        for candle in ordered:
+            ts = candle.timestamp_ns
+            if last is not None and ts <= last:
+                seen += 1
+                continue
+            if ts + self.bar_ns > now_ns:
+                forming = candle
+                break  # later rows cannot be closed either
+            if last is not None and ts > last + self.bar_ns:
+                missing = (ts - last) // self.bar_ns - 1
+                gaps.append(Gap(symbol, last, ts, missing))
+            publish.append(candle)
+            last = ts
+        return TrackResult(tuple(publish), tuple(gaps), seen, forming)
+
+    def commit(self, symbol: str, published: Sequence[Candle]) -> None:
+        """Record that `published` (from `accept`) reached the bus."""
+        if published:
+            self.last_bar_ns[symbol] = max(
+                self.last_bar_ns.get(symbol, published[-1].timestamp_ns),
+                published[-1].timestamp_ns,
+            )
+
+    @classmethod
+    def restore(cls, bar_ns: int, stored: Mapping[str, int]) -> BarTracker:
+        return cls(bar_ns, dict(stored))
