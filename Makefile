@@ -2,14 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LIBS := $(sort $(wildcard libs/*/pyproject.toml))
 SERVICES := $(sort $(wildcard services/*/pyproject.toml))
-EDITABLES := -e libs/hean_common $(foreach p,$(SERVICES),-e $(dir $(p))) -e .[dev]
+EDITABLES := $(foreach p,$(LIBS) $(SERVICES),-e $(dir $(p))) -e .[dev]
 
 .PHONY: install run test test-unit test-integration lint typecheck check bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml libs/hean_common/pyproject.toml $(SERVICES)
+$(VENV)/.installed: pyproject.toml $(LIBS) $(SERVICES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(EDITABLES)
