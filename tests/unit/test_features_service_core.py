@@ -1,0 +1,149 @@
+"""features: the pure core (per-symbol engines, stale candles, snapshots) and the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+
+from hean.core.candles import Candle, bundled_data_path, load_candles
+from hean.core.features import FEATURE_VERSION, WARMUP_BARS, compute_feature_rows
+from hean.core.types import Event, EventType
+from hean.features.core import BadCandleError, FeatureCore, candle_from_event
+from hean.features.service import EventBatcher
+
+N = WARMUP_BARS + 60
+
+
+@pytest.fixture(scope="module")
+def candles() -> tuple[Candle, ...]:
+    return load_candles(bundled_data_path(), "BTC").candles[:N]
+
+
+def test_feature_core_warmup_then_features_equal_training_rows(
+    candles: tuple[Candle, ...],
+) -> None:
+    core = FeatureCore()
+    outputs = [core.on_candle(c).features for c in candles]
+    assert all(f is None for f in outputs[: WARMUP_BARS - 1])
+    live = [f for f in outputs if f is not None]
+    offline = [f for _, f in compute_feature_rows(candles)]
+    assert live == offline
+
+
+def test_feature_core_repeated_or_older_candle_ignored_and_counted(
+    candles: tuple[Candle, ...],
+) -> None:
+    core = FeatureCore()
+    for c in candles[:10]:
+        core.on_candle(c)
+    again = core.on_candle(candles[9])
+    older = core.on_candle(candles[3])
+    assert again.stale and older.stale
+    assert again.bars_seen == 10
+    assert core.stale_candles == 2
+
+
+def test_feature_core_restored_snapshot_continues_like_uninterrupted(
+    candles: tuple[Candle, ...],
+) -> None:
+    whole = FeatureCore()
+    expected = [whole.on_candle(c).features for c in candles]
+    first = FeatureCore()
+    for c in candles[: WARMUP_BARS + 5]:
+        first.on_candle(c)
+    second = FeatureCore()
+    second.restore("BTC", first.snapshot("BTC"))
+    resumed = [second.on_candle(c).features for c in candles[WARMUP_BARS + 5 :]]
+    for got, want in zip(resumed, expected[WARMUP_BARS + 5 :], strict=True):
+        assert got is not None and want is not None
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_feature_core_restore_none_starts_fresh_engine(candles: tuple[Candle, ...]) -> None:
+    core = FeatureCore()
+    for c in candles[:5]:
+        core.on_candle(c)
+    core.restore("BTC", None)
+    assert core.on_candle(candles[0]).bars_seen == 1
+
+
+def test_features_data_carries_bar_time_and_version(candles: tuple[Candle, ...]) -> None:
+    data = FeatureCore.features_data(candles[0], {"ret_1": 0.1})
+    assert data["timestamp"] == candles[0].timestamp_ns
+    assert data["feature_version"] == FEATURE_VERSION
+    Event(event_type=EventType.FEATURES_READY, data=data)  # validates
+
+
+def test_candle_from_event_reads_bar_time_else_event_time() -> None:
+    data = {"symbol": "X", "open": "1", "high": "2", "low": "1", "close": "2", "volume": "3"}
+    assert candle_from_event(data, 99).timestamp_ns == 99
+    assert candle_from_event({**data, "timestamp": 5}, 99).timestamp_ns == 5
+    assert candle_from_event(data, 99).close == Decimal(2)
+
+
+def test_candle_from_event_missing_price_raises_bad_candle() -> None:
+    with pytest.raises(BadCandleError, match="open"):
+        candle_from_event({"symbol": "X", "high": "1"}, 0)
+
+
+def _event(symbol: str) -> Event:
+    return Event(event_type=EventType.FEATURES_READY, data={"symbol": symbol, "features": {}})
+
+
+async def test_batcher_lone_symbol_sent_at_once_without_timeout() -> None:
+    sent: list[list[str]] = []
+
+    async def send(items: list) -> None:  # type: ignore[type-arg]
+        sent.append([i.symbol for i in items])
+
+    batcher = EventBatcher(send, size=10, timeout_s=60.0)
+    await asyncio.wait_for(batcher.submit(_event("A"), "A", {}), 1.0)
+    await asyncio.wait_for(batcher.submit(_event("A"), "A", {}), 1.0)
+    assert sent == [["A"], ["A"]]
+
+
+async def test_batcher_two_active_symbols_sent_together_without_waiting() -> None:
+    sent: list[list[str]] = []
+
+    async def send(items: list) -> None:  # type: ignore[type-arg]
+        sent.append([i.symbol for i in items])
+
+    batcher = EventBatcher(send, size=10, timeout_s=1.0)
+    # First round: B is new, so it waits for the timeout after A went out alone.
+    await asyncio.gather(batcher.submit(_event("A"), "A", {}), batcher.submit(_event("B"), "B", {}))
+    # Now both are active: the batch is full as soon as both are in, long before 1 s.
+    await asyncio.wait_for(
+        asyncio.gather(batcher.submit(_event("A"), "A", {}), batcher.submit(_event("B"), "B", {})),
+        0.8,
+    )
+    assert sent == [["A"], ["B"], ["A", "B"]]
+
+
+async def test_batcher_quiet_symbol_flushed_by_timeout() -> None:
+    sent: list[list[str]] = []
+
+    async def send(items: list) -> None:  # type: ignore[type-arg]
+        sent.append([i.symbol for i in items])
+
+    batcher = EventBatcher(send, size=10, timeout_s=0.05)
+    await asyncio.gather(batcher.submit(_event("A"), "A", {}), batcher.submit(_event("B"), "B", {}))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(batcher.submit(_event("A"), "A", {}), 2.0)  # B stays quiet
+    assert loop.time() - started >= 0.04
+    assert sent[-1] == ["A"]
+
+
+async def test_batcher_send_error_raised_in_every_waiting_submitter() -> None:
+    async def send(items: list) -> None:  # type: ignore[type-arg]
+        raise ConnectionError("redis down")
+
+    batcher = EventBatcher(send, size=2, timeout_s=0.05)
+    results = await asyncio.gather(
+        batcher.submit(_event("A"), "A", {}),
+        batcher.submit(_event("B"), "B", {}),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, ConnectionError) for r in results)
