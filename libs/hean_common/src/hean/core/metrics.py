@@ -12,6 +12,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -42,9 +43,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     """All HEAN metric families on one registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        if process_metrics:
+            # process_cpu_seconds_total, process_resident_memory_bytes, ...: the System
+            # Health dashboard's CPU and memory per service.
+            ProcessCollector(registry=r)
 
         # Trading (names from the guide)
         self.orders_total = Counter(
