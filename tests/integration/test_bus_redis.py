@@ -327,3 +327,53 @@ async def test_bus_redis_restart_without_persistence_recreates_group(
         await publisher.publish(tick(i))
     await publisher.flush(30)
     await eventually(lambda: received == list(range(20)), timeout=30, message="after NOGROUP")
+
+
+async def test_bus_retention_trims_high_frequency_streams_keeps_order_streams(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    bus = make_bus(redis_url, "market-data", stream_maxlen=200)
+    await bus.start()
+    buses.append(bus)
+    for i in range(3000):
+        await bus.publish(tick(i))
+        await bus.publish(
+            Event(
+                event_type=EventType.ORDER_FILLED,
+                data={"order_id": f"o-{i}", "fill_price": "1", "filled_qty": "1"},
+            )
+        )
+    await bus.flush(20)
+    assert int(await redis_client.xlen(TICKS)) < 600  # MAXLEN ~ trims whole nodes of entries
+    assert int(await redis_client.xlen(stream_key(EventType.ORDER_FILLED))) == 3000
+
+
+async def test_bus_pending_entries_deleted_before_handling_are_acked_and_counted(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+    for i in range(5):
+        await publisher.publish(tick(i))
+    await publisher.flush(10)
+    # A consumer that read them and died: they are pending, then trimmed away.
+    await redis_client.xgroup_create(TICKS, "risk", id="0")
+    entries = await redis_client.xreadgroup("risk", "dead-consumer", {TICKS: ">"}, count=5)
+    ids = [entry_id for entry_id, _ in entries[0][1]]
+    await redis_client.xdel(TICKS, *ids[:3])
+
+    seen: list[int] = []
+    bus = make_bus(redis_url, "risk", "survivor", claim_idle_ms=50, claim_interval_ms=50)
+    bus.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+    await bus.start()
+    buses.append(bus)
+    await eventually(lambda: sorted(seen) == [3, 4], message="the surviving entries")
+    await eventually(lambda: _group_pending_in(redis_client, "risk", 0), message="all acked")
+    transport = bus.transport
+    assert isinstance(transport, RedisStreamsTransport)
+    assert transport.deleted_pending_count == 3
+
+
+async def _group_pending_in(client: aioredis.Redis, group: str, expected: int) -> bool:
+    return int((await client.xpending(TICKS, group))["pending"]) == expected
