@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -359,7 +360,7 @@ async def test_bus_pending_entries_deleted_before_handling_are_acked_and_counted
     await publisher.flush(10)
     # A consumer that read them and died: they are pending, then trimmed away.
     await redis_client.xgroup_create(TICKS, "risk", id="0")
-    entries = await redis_client.xreadgroup("risk", "dead-consumer", {TICKS: ">"}, count=5)
+    entries: Any = await redis_client.xreadgroup("risk", "dead-consumer", {TICKS: ">"}, count=5)
     ids = [entry_id for entry_id, _ in entries[0][1]]
     await redis_client.xdel(TICKS, *ids[:3])
 
