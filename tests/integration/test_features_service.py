@@ -1,0 +1,83 @@
+"""The features service on a real Redis: FEATURES_READY after warm-up, redelivered candles
+ignored, and engine state carried across a restart (no new warm-up, same numbers)."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from hean.core.candles import Candle, bundled_data_path, load_candles
+from hean.core.features import FEATURE_VERSION, WARMUP_BARS, compute_feature_rows
+from hean.core.settings import SettingsError, load_settings
+from hean.core.types import Event, EventType
+from hean.features.service import FeaturesSettings, build
+from hean.market_data.service import candle_data
+from tests.helpers import eventually
+from tests.integration.signal_path_helpers import FAST, drained, publish, read, running
+
+
+def _events(candles: tuple[Candle, ...]) -> list[Event]:
+    return [Event(event_type=EventType.CANDLE, data=candle_data(c)) for c in candles]
+
+
+def _settings(url: str) -> FeaturesSettings:
+    return FeaturesSettings(
+        REDIS_URL=url, SERVICE_NAME="features", FEATURE_BATCH_TIMEOUT=20, **FAST
+    )
+
+
+async def test_features_service_restart_and_redelivery_same_features_as_batch(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    btc = load_candles(bundled_data_path(), "BTC/USDT").candles[: WARMUP_BARS + 80]
+    eth = tuple(
+        Candle("ETH/USDT", c.timeframe, c.timestamp_ns, c.open, c.high, c.low, c.close, c.volume)
+        for c in btc
+    )
+    first, second = WARMUP_BARS + 40, WARMUP_BARS + 80
+    async with running("features", build, _settings(redis_url)) as ctx:
+        await publish(
+            redis_url,
+            [
+                e
+                for pair in zip(_events(btc[:first]), _events(eth[:first]), strict=True)
+                for e in pair
+            ],
+        )
+        await eventually(
+            lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
+        )
+        # The same bars again (as a redelivery would bring them): ignored.
+        await publish(redis_url, _events(btc[first - 10 : first]))
+        await eventually(
+            lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
+        )
+        assert len(await read(redis_url, EventType.FEATURES_READY)) == 2 * (first - WARMUP_BARS + 1)
+
+    async with running("features", build, _settings(redis_url)) as ctx:
+        await publish(redis_url, _events(btc[first:second]))
+        await eventually(
+            lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
+        )
+
+    published = await read(redis_url, EventType.FEATURES_READY)
+    got = [e for e in published if e.data["symbol"] == "BTC/USDT"]
+    want = list(compute_feature_rows(btc[:second]))
+    assert [e.data["timestamp"] for e in got] == [c.timestamp_ns for c, _ in want]
+    for event, (_, row) in zip(got, want, strict=True):
+        assert event.data["features"] == pytest.approx(row, rel=1e-9, abs=1e-12)
+        assert event.data["feature_version"] == FEATURE_VERSION
+    assert len([e for e in published if e.data["symbol"] == "ETH/USDT"]) == first - WARMUP_BARS + 1
+    candles = await read(redis_url, EventType.CANDLE)
+    by_id = {c.event_id: c for c in candles}
+    for event in got:  # each FEATURES_READY carries its candle's correlation id
+        assert event.correlation_id is not None
+        assert by_id[event.correlation_id].data["timestamp"] == event.data["timestamp"]
+    state = await redis_client.hgetall("hean:features:features:state")
+    assert set(state) == {b"BTC/USDT", b"ETH/USDT"}
+
+
+def test_features_settings_bad_batch_size_names_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEATURE_BATCH_SIZE", "0")
+    with pytest.raises(SettingsError, match="FEATURE_BATCH_SIZE"):
+        load_settings(FeaturesSettings)
