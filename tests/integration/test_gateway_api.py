@@ -61,7 +61,8 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def running_gateway(redis_url: str, **env: str) -> AsyncIterator[Gateway]:
-    settings = GatewaySettings(  # type: ignore[call-arg]
+    settings = load_settings(
+        GatewaySettings,
         REDIS_URL=redis_url,
         GATEWAY_EXPECTED_SERVICES=EXPECTED,
         GATEWAY_COMMAND_TIMEOUT_S="20",
@@ -170,7 +171,7 @@ async def test_health_expired_snapshot_shows_service_down(gateway, redis_client)
 
     async def execution_down() -> bool:
         body = (await gateway.http.get("/health")).json()
-        return body["missing_services"] == ["execution"]
+        return bool(body["missing_services"] == ["execution"])
 
     await eventually(execution_down, timeout=5, message="the execution snapshot to expire")
     entry = (await gateway.http.get("/health/execution")).json()
@@ -296,7 +297,8 @@ async def add_dead_letter(client: aioredis.Redis, payload: bytes) -> str:
         payload=payload,
         dead_at_ns=time.time_ns(),
     )
-    return (await client.xadd(DLQ_STREAM, fields)).decode()  # type: ignore[arg-type]
+    entry_id: Any = await client.xadd(DLQ_STREAM, fields)  # type: ignore[arg-type]
+    return str(entry_id.decode())
 
 
 async def test_dlq_list_retry_drop(gateway, redis_client):
@@ -398,7 +400,7 @@ async def test_killswitch_trigger_and_reset_applied_by_risk(gateway, redis_clien
         async def risk_consuming() -> bool:
             with contextlib.suppress(Exception):
                 groups = await redis_client.xinfo_groups("hean:risk:commands")
-                return any(g["name"] == b"risk" for g in groups)
+                return any(g["name"] == b"risk" for g in groups) is True
             return False
 
         await eventually(risk_consuming, timeout=30, message="risk to read its command stream")

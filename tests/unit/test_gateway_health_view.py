@@ -132,10 +132,11 @@ def test_merge_malformed_snapshot_is_ignored():
 
 def test_lookup_guide_names_aliases_and_services():
     merged = merge_health(healthy_system(), expected=EXPECTED, now=NOW)
-    assert lookup(merged, "orchestrator")["overall_state"] == "healthy"
-    assert lookup(merged, "ml_engine")["instances"] == 2
+    orchestrator, ml, risk = (lookup(merged, n) for n in ("orchestrator", "ml_engine", "risk"))
+    assert orchestrator is not None and orchestrator["overall_state"] == "healthy"
+    assert ml is not None and ml["instances"] == 2
     assert lookup(merged, "execution_router") == lookup(merged, "execution")
-    assert lookup(merged, "risk")["service"] == "risk"
+    assert risk is not None and risk["service"] == "risk"
     assert lookup(merged, "nope") is None
     names = known_names(merged)
     assert {"orchestrator", "ml_engine", "execution", "execution_router", "risk"} <= set(names)
