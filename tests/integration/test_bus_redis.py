@@ -359,18 +359,18 @@ async def test_bus_pending_entries_deleted_before_handling_are_acked_and_counted
         await publisher.publish(tick(i))
     await publisher.flush(10)
     # A consumer that read them and died: they are pending, then trimmed away.
-    await redis_client.xgroup_create(TICKS, "risk", id="0")
-    entries: Any = await redis_client.xreadgroup("risk", "dead-consumer", {TICKS: ">"}, count=5)
+    await redis_client.xgroup_create(TICKS, "auditor", id="0")
+    entries: Any = await redis_client.xreadgroup("auditor", "dead-consumer", {TICKS: ">"}, count=5)
     ids = [entry_id for entry_id, _ in entries[0][1]]
     await redis_client.xdel(TICKS, *ids[:3])
 
     seen: list[int] = []
-    bus = make_bus(redis_url, "risk", "survivor", claim_idle_ms=50, claim_interval_ms=50)
+    bus = make_bus(redis_url, "auditor", "survivor", claim_idle_ms=50, claim_interval_ms=50)
     bus.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
     await bus.start()
     buses.append(bus)
     await eventually(lambda: sorted(seen) == [3, 4], message="the surviving entries")
-    await eventually(lambda: _group_pending_in(redis_client, "risk", 0), message="all acked")
+    await eventually(lambda: _group_pending_in(redis_client, "auditor", 0), message="all acked")
     transport = bus.transport
     assert isinstance(transport, RedisStreamsTransport)
     assert transport.deleted_pending_count == 3

@@ -54,6 +54,7 @@ from hean.core.event_streams import (
 )
 from hean.core.metrics import Metrics
 from hean.core.settings import CoreSettings, redact_url
+from hean.core.topology import ensure_topology
 from hean.core.types import Event, EventType, InvalidEventError, current_event
 
 log = logging.getLogger(__name__)
@@ -419,6 +420,8 @@ class RedisBusConfig:
     reconnect_max_s: float = 5.0
     group_start_id: str = "$"
     consumer_gc_idle_ms: int = 600_000
+    # Create the system's consumer groups (hean.core.topology) before publishing anything.
+    ensure_topology: bool = True
 
     @classmethod
     def from_settings(cls, settings: CoreSettings, **overrides: Any) -> RedisBusConfig:
@@ -514,6 +517,8 @@ class RedisStreamsTransport(Transport):
         try:
             await self._client.ping()
             self._set_connected(True)
+            if self.config.ensure_topology:
+                await ensure_topology(self._client)
             await self._ensure_groups()
         except _REDIS_DOWN as exc:
             self._set_connected(False, exc)
