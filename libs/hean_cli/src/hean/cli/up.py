@@ -132,9 +132,9 @@ class Supervisor:
 
     # --- preparation ---------------------------------------------------------------------
 
-    def check_installed(self) -> None:
+    def check_installed(self, specs: tuple[ServiceSpec, ...] = SERVICES) -> None:
         missing = []
-        for spec in SERVICES:
+        for spec in specs:
             try:
                 found = importlib.util.find_spec(f"{spec.module}.__main__") is not None
             except ModuleNotFoundError:
@@ -384,7 +384,7 @@ async def _monitor(sup: Supervisor, stop: asyncio.Event) -> None:
                 break
             sup.report_exits()
             try:
-                sup.console.print(await reader.line(), highlight=False)
+                sup.console.print(await reader.line(), highlight=False, soft_wrap=True)
             except (RedisError, OSError) as exc:
                 sup.console.print(f"status unavailable: Redis: {exc}", highlight=False)
     finally:
@@ -413,7 +413,8 @@ def run_up(options: UpOptions, console: Console) -> int:
             f"HEAN is running in paper mode ({len(sup.children)} processes). "
             f"Gateway: http://{host}:{options.gateway_port} "
             f"(health /health, API docs /docs); logs in {Path(options.workdir) / 'logs'}. "
-            "Ctrl-C stops everything."
+            "Ctrl-C stops everything.",
+            soft_wrap=True,
         )
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, previous[s])
