@@ -8,6 +8,7 @@ clock the test moves, so "a bar has closed" is decided deterministically.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -19,10 +20,18 @@ from aiohttp import web
 
 from hean.core.bus import EventBus
 from hean.core.event_streams import RedisEventStream
+from hean.core.health import read_snapshots
 from hean.core.settings import CoreSettings
 from hean.core.types import Event, EventType
-from hean.market_data.service import LastBarStore, LiveFeed, MarketDataSettings, make_ccxt_client
+from hean.market_data.service import (
+    LastBarStore,
+    LiveFeed,
+    MarketDataSettings,
+    build,
+    make_ccxt_client,
+)
 from tests.helpers import eventually
+from tests.integration.signal_path_helpers import FAST, running
 
 SYMBOL = "BTC/USDT:USDT"
 BAR_MS = 60_000
@@ -48,11 +57,11 @@ INSTRUMENT = {
 }
 
 
-def bar_row(i: int) -> list[str]:
+def bar_row(i: int, t0_ms: int = T0_MS) -> list[str]:
     """Bybit kline row for bar i: [start ms, open, high, low, close, volume, turnover]."""
     base = 40_000 + (i % 50) * 10
     return [
-        str(T0_MS + i * BAR_MS),
+        str(t0_ms + i * BAR_MS),
         f"{base}",
         f"{base + 15}",
         f"{base - 5}",
@@ -68,10 +77,11 @@ class FakeBybit:
     fail_next: int = 0
     drop_next: int = 0
     kline_requests: int = 0
+    t0_ms: int = T0_MS
 
     def add(self, *indices: int) -> None:
         for i in indices:
-            self.bars[i] = bar_row(i)
+            self.bars[i] = bar_row(i, self.t0_ms)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -286,3 +296,35 @@ async def test_live_feed_restart_resumes_after_last_stored_bar(
     await eventually(lambda: _has_bars(harness, 303), timeout=15, message="bars after restart")
     assert await harness.bar_indices() == list(range(303))
     assert fake.kline_requests > requests_before
+
+
+async def test_market_data_service_live_mode_publishes_closed_bars_healthy(
+    venue: tuple[FakeBybit, str], redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    fake, api_url = venue
+    fake.t0_ms = (int(time.time() * 1000) // BAR_MS - 50) * BAR_MS
+    fake.add(*range(51))  # bar 50 is the one forming now (real clock)
+    settings = MarketDataSettings(
+        REDIS_URL=redis_url,
+        SERVICE_NAME="market-data",
+        MARKET_DATA_MODE="live",
+        EXCHANGE="bybit",
+        SYMBOLS=SYMBOL,
+        LIVE_API_URL=api_url,
+        LIVE_HISTORY_BARS=50,
+        LIVE_POLL_INTERVAL_S=0.05,
+        **FAST,
+    )
+    async with running("market-data", build, settings):
+
+        async def fifty_bars_and_healthy() -> bool:
+            if int(await redis_client.xlen("hean:events:CANDLE")) < 50:
+                return False
+            snaps = await read_snapshots(redis_client)
+            return [s["health"]["orchestrator"]["overall_state"] for s in snaps] == ["healthy"]
+
+        await eventually(fifty_bars_and_healthy, timeout=15, message="50 bars, healthy")
+    async with RedisEventStream(redis_url) as stream:
+        bars = [e.data["timestamp"] async for e in stream.replay_events(EventType.CANDLE)]
+    expected = [(fake.t0_ms + i * BAR_MS) * 1_000_000 for i in range(len(bars))]
+    assert bars == expected  # in order, none twice (bar 50 too if the minute turned)
