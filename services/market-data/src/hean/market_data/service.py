@@ -187,6 +187,11 @@ class _Feed:
             await self._task
             self._task = None
 
+    async def join(self) -> None:
+        """Wait until the feed ends by itself (a replay reaching the end of its file)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
     async def _guarded(self) -> None:
         try:
             await self._run()
