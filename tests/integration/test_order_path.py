@@ -289,3 +289,29 @@ async def test_order_path_risk_rebuilds_positions_and_equity_after_restart(redis
     assert "MAX_POSITION_SIZE" in rejected[0].data["reason"]
     await bus.stop()
     await svc.stop()
+
+
+async def test_order_path_stale_reset_command_ignored_fresh_trigger_applied(
+    redis_url, redis_client
+):
+    # Commands queued while no risk service ran: a trigger and then a reset, both 10 min old.
+    old_ms = int(time.time() * 1000) - 600_000
+    await redis_client.xadd(
+        COMMAND_STREAM, {"command": "trigger", "reason": "old"}, id=f"{old_ms}-0"
+    )
+    await redis_client.xadd(COMMAND_STREAM, {"command": "reset"}, id=f"{old_ms}-1")
+    bus, svc = await start_risk(redis_url, redis_client, "fresh")
+    try:
+        await eventually(lambda: _true(svc.governor.kill_switch.active))
+        await eventually(lambda: _commands_acked(redis_client))
+        assert svc.governor.kill_switch.active  # the stale reset did not lift it
+        await redis_client.xadd(COMMAND_STREAM, {"command": "reset"})
+        await eventually(lambda: _true(not svc.governor.kill_switch.active))
+    finally:
+        await bus.stop()
+        await svc.stop()
+
+
+async def _commands_acked(client: aioredis.Redis) -> bool:
+    groups = await client.xinfo_groups(COMMAND_STREAM)
+    return all(int(g["pending"]) == 0 and int(g["lag"] or 0) == 0 for g in groups)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from decimal import Decimal
 from typing import Annotated, Any, cast
 
@@ -51,6 +52,11 @@ KILLSWITCH_KEY = "hean:risk:killswitch"
 DAY_KEY = "hean:risk:day"
 COMMAND_STREAM = "hean:risk:commands"
 COMMAND_GROUP = "risk"
+#: A reset older than this is not applied: the command group starts at the beginning of the
+#: stream, so a risk service starting for the first time (or after its group was lost) would
+#: otherwise replay an old reset and lift a kill switch tripped since. Old triggers are still
+#: applied: erring towards stopped trading is the safe side.
+STALE_RESET_S = 300
 
 UnitDecimal = Annotated[Decimal, Field(gt=0, le=1, allow_inf_nan=False)]
 PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
@@ -374,6 +380,16 @@ class RiskService:
             reason = values.get("reason") or "manual kill switch"
             await self.trigger_kill_switch(f"command: {reason}", timestamp_ns)
         elif command == "reset":
+            age_s = time.time() - timestamp_ns / 1e9
+            if age_s > STALE_RESET_S:
+                log.warning(
+                    "risk command %s ignored: a reset %.0f s old is stale (limit %d s); "
+                    "send a new one",
+                    entry_id,
+                    age_s,
+                    STALE_RESET_S,
+                )
+                return
             await self.reset_kill_switch(timestamp_ns)
         else:
             log.error("risk command %s ignored: unknown command %r", entry_id, command)
