@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from hean.core.bus import BusState, EventBus, RedisBusConfig, RedisStreamsTransport
-from hean.core.errors import QueueFullError
+from hean.core.errors import PermanentError, QueueFullError
 from hean.core.event_streams import DLQ_STREAM, RedisEventStream, stream_key
 from hean.core.metrics import Metrics
 from hean.core.types import Event, EventType
@@ -378,3 +378,25 @@ async def test_bus_pending_entries_deleted_before_handling_are_acked_and_counted
 
 async def _group_pending_in(client: aioredis.Redis, group: str, expected: int) -> bool:
     return int((await client.xpending(TICKS, group))["pending"]) == expected
+
+
+async def test_bus_permanent_error_dead_lettered_at_first_failure(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    attempts: list[int] = []
+
+    async def on_tick(event: Event) -> None:
+        attempts.append(event.data["seq"])
+        raise PermanentError("feature list does not match the model card")
+
+    bus = make_bus(redis_url, "ml-service", max_deliveries=5)
+    bus.subscribe(EventType.TICK, on_tick, name="on_tick")
+    await bus.start()
+    buses.append(bus)
+    await bus.publish(tick(1))
+    await eventually(lambda: _stream_len(redis_client, DLQ_STREAM, 1), message="a dead letter")
+    async with RedisEventStream(redis_url) as stream:
+        [letter] = await stream.dead_letters()
+    assert letter.deliveries == 1
+    assert "PermanentError: feature list does not match" in letter.error
+    assert attempts == [1]

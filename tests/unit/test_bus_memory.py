@@ -117,3 +117,22 @@ async def test_memory_bus_rejects_non_events() -> None:
     bus = EventBus()
     with pytest.raises(TypeError, match="takes an Event"):
         await bus.publish({"event_type": "TICK"})  # type: ignore[arg-type]
+
+
+async def test_memory_bus_permanent_error_dead_lettered_without_retry() -> None:
+    from hean.core.errors import PermanentError
+
+    transport = InMemoryTransport(max_deliveries=5, retry_delay=0.001)
+    bus = EventBus(transport)
+    attempts: list[int] = []
+
+    def refuse(event: Event) -> None:
+        attempts.append(event.data["seq"])
+        raise PermanentError("price off tick")
+
+    bus.subscribe(EventType.TICK, refuse)
+    await bus.publish(tick(3))
+    await bus.flush(5)
+    assert attempts == [3]
+    assert transport.dead_letter_count == 1
+    await bus.stop()

@@ -9,7 +9,7 @@ Two transports behind one API:
   every event. An entry is acked only after every local handler of its type has returned
   and every event those handlers published has reached Redis. Failed entries are retried
   (XCLAIM, so Redis counts deliveries) and dead-lettered after `max_deliveries` with the
-  error; malformed entries are dead-lettered at once. Entries of a crashed consumer are
+  error; a `PermanentError` and malformed entries are dead-lettered at once. Entries of a crashed consumer are
   taken over with XAUTOCLAIM once idle. While Redis is unreachable, publishes wait in a
   bounded outbox that is flushed in order on reconnect; past the bound publish raises
   "Queue is full".
@@ -41,7 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hean.core.errors import QueueFullError
+from hean.core.errors import PermanentError, QueueFullError
 from hean.core.event_streams import (
     DLQ_STREAM,
     EVENT_FIELD,
@@ -214,6 +214,11 @@ def _describe_failures(failures: list[tuple[str, BaseException]]) -> str:
     return "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failures)
 
 
+def _permanent(failures: list[tuple[str, BaseException]]) -> bool:
+    """A `PermanentError` (bad input, a refused order) cannot succeed on a retry."""
+    return any(isinstance(exc, PermanentError) for _, exc in failures)
+
+
 class Transport(ABC):
     """What the bus needs from a transport."""
 
@@ -355,7 +360,7 @@ class InMemoryTransport(Transport):
             if not failures:
                 return
             delivery.last_error = _describe_failures(failures)
-            if delivery.deliveries >= self.max_deliveries:
+            if delivery.deliveries >= self.max_deliveries or _permanent(failures):
                 self.dead_letters.append((delivery.event, delivery.last_error))
                 self.dead_letter_count += 1
                 if self.metrics is not None:
@@ -776,7 +781,7 @@ class RedisStreamsTransport(Transport):
         failures = await self.dispatcher.run(delivery)
         if failures:
             delivery.last_error = _describe_failures(failures)
-            if delivery.deliveries >= self.config.max_deliveries:
+            if delivery.deliveries >= self.config.max_deliveries or _permanent(failures):
                 await self._dead_letter(
                     delivery.stream,
                     delivery.entry_id,
