@@ -6,7 +6,7 @@ LIBS := $(sort $(wildcard libs/*/pyproject.toml))
 SERVICES := $(sort $(wildcard services/*/pyproject.toml))
 EDITABLES := $(foreach p,$(LIBS) $(SERVICES),-e $(dir $(p))) -e .[dev]
 
-.PHONY: install run test test-unit test-integration lint typecheck check bench clean
+.PHONY: install run run-demo test test-unit test-integration lint typecheck check bench clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml $(LIBS) $(SERVICES)
 	touch $@
 
 run: install
+	$(BIN)/hean up $(ARGS)
+
+run-demo: install
 	$(BIN)/python -m hean.core.devrun
 
 test: install

@@ -116,3 +116,10 @@ def test_bar_tracker_symbols_tracked_independently() -> None:
     result = tracker.accept("ETH", [eth], 10 * MIN)
     assert result.publish == (eth,)
     assert tracker.since_ns("ETH") is None
+
+
+def test_replay_offset_s_warmup_bars_immediate_then_paced_from_their_end() -> None:
+    assert replay_offset_s(0, MIN, 60.0, warmup_bars=240) == 0.0
+    assert replay_offset_s(239, MIN, 60.0, warmup_bars=240) == 0.0
+    assert replay_offset_s(240, MIN, 60.0, warmup_bars=240) == 0.0
+    assert replay_offset_s(250, MIN, 60.0, warmup_bars=240) == pytest.approx(10.0)

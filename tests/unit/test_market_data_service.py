@@ -85,3 +85,26 @@ def test_replay_feed_health_names_skipped_rows() -> None:
 def test_replay_feed_no_valid_candles_refused() -> None:
     with pytest.raises(ValueError, match="no valid candles"):
         ReplayFeed(EventBus(), _load(0), symbols=("X",), bar_ns=MIN, speed=0.0)
+
+
+async def test_replay_feed_warmup_bars_unpaced_rest_paced() -> None:
+    bus = EventBus()
+    # 60x real time: one 1-minute bar a second. 30 warm-up bars go out at once; the 31st
+    # is due at once too (pacing starts there); the 32nd would be due a second later.
+    feed = ReplayFeed(
+        bus, _load(32), symbols=("X",), bar_ns=MIN, speed=60.0, warmup_bars=30, ticks=False
+    )
+    seen: list[Event] = []
+    bus.subscribe(EventType.CANDLE, seen.append)
+    await bus.start()
+    await feed.start()
+    try:
+        for _ in range(500):
+            if len(seen) >= 31:
+                break
+            await asyncio.sleep(0.01)
+        assert len(seen) == 31, "the warm-up bars were paced"
+        assert not feed.finished
+    finally:
+        await feed.stop()
+        await bus.stop()

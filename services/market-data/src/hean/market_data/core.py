@@ -71,12 +71,13 @@ def replay_shift_ns(first_ns: int, last_ns: int, bar_ns: int, loop_index: int) -
     return loop_index * (last_ns - first_ns + bar_ns)
 
 
-def replay_offset_s(bars_done: int, bar_ns: int, speed: float) -> float:
-    """Seconds after the replay started at which bar number `bars_done` (0-based) is due,
-    at `speed` times real time. 0 for speed 0 (as fast as consumers keep up)."""
-    if speed <= 0:
+def replay_offset_s(bars_done: int, bar_ns: int, speed: float, warmup_bars: int = 0) -> float:
+    """Seconds after pacing started at which bar number `bars_done` (0-based) is due, at
+    `speed` times real time. 0 for speed 0 (as fast as consumers keep up), and for the first
+    `warmup_bars` bars, which only warm up indicators: pacing starts after them."""
+    if speed <= 0 or bars_done < warmup_bars:
         return 0.0
-    return bars_done * bar_ns / NS_PER_SECOND / speed
+    return (bars_done - warmup_bars) * bar_ns / NS_PER_SECOND / speed
 
 
 def shifted(candle: Candle, symbol: str, shift_ns: int) -> Candle:

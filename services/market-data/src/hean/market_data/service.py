@@ -36,6 +36,7 @@ from hean.core.candles import (
     validate_candle_rows,
 )
 from hean.core.event_streams import as_str, stream_key
+from hean.core.features import WARMUP_BARS
 from hean.core.metrics import Metrics
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, ExchangeSettings
@@ -63,6 +64,9 @@ class MarketDataSettings(CoreSettings, ExchangeSettings):
 
     replay_data_path: str = Field(default="", alias="REPLAY_DATA_PATH")
     replay_speed: Annotated[float, Field(ge=0, le=1e9)] = Field(default=60.0, alias="REPLAY_SPEED")
+    replay_warmup_bars: Annotated[int, Field(ge=0)] = Field(
+        default=WARMUP_BARS, alias="REPLAY_WARMUP_BARS"
+    )
     replay_loop: bool = Field(default=False, alias="REPLAY_LOOP")
     replay_ticks: bool = Field(default=True, alias="REPLAY_TICKS")
     replay_max_bars: Annotated[int, Field(ge=0)] = Field(default=0, alias="REPLAY_MAX_BARS")
@@ -249,6 +253,7 @@ class ReplayFeed(_Feed):
         symbols: Sequence[str],
         bar_ns: int,
         speed: float,
+        warmup_bars: int = 0,
         loop: bool = False,
         ticks: bool = True,
         max_bars: int = 0,
@@ -267,6 +272,7 @@ class ReplayFeed(_Feed):
         self.symbols = tuple(symbols)
         self.bar_ns = bar_ns
         self.speed = speed
+        self.warmup_bars = warmup_bars
         self.loop = loop
         self.ticks = ticks
         self.max_outbox = max_outbox
@@ -286,7 +292,11 @@ class ReplayFeed(_Feed):
         while not self._stop.is_set():
             shift = replay_shift_ns(first, last, self.bar_ns, self.loops_done)
             for base in self.candles:
-                due = started + replay_offset_s(n, self.bar_ns, self.speed)
+                if n == self.warmup_bars:
+                    # The warm-up bars went out as fast as consumers took them; pace the
+                    # rest from now.
+                    started = clock()
+                due = started + replay_offset_s(n, self.bar_ns, self.speed, self.warmup_bars)
                 await _wait(self._stop, due - clock())
                 if self._stop.is_set():
                     return
@@ -585,6 +595,7 @@ def build(ctx: ServiceContext) -> None:
             symbols=settings.symbols,
             bar_ns=bar_ns,
             speed=settings.replay_speed,
+            warmup_bars=settings.replay_warmup_bars,
             loop=settings.replay_loop,
             ticks=settings.replay_ticks,
             max_bars=settings.replay_max_bars,
