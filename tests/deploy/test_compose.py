@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import redis as redis_py
 import yaml
 
+from tests.conftest import free_port
 from tests.deploy.tools import (
     COMPOSE_FILE,
     PROFILE_SETS,
@@ -155,3 +159,50 @@ def test_compose_with_env_example_copied_to_dotenv(tmp_path):
                 r"required variable (REDIS_PASSWORD|GF_SECURITY_ADMIN_PASSWORD) is missing",
                 result.stderr,
             ), result.stderr
+
+
+def test_compose_redis_command_runs_with_password_and_append_only_file(tmp_path):
+    """The redis service's command line, run by a local redis-server the way the container's
+    shell would (port and directory moved to a free port and a temp dir)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed: apt-get install redis-server")
+    service = compose_config()["services"]["redis"]
+    assert service["command"][:2] == ["sh", "-c"]
+    # Compose escapes `$` as `$$` in its output; the container's shell sees `$`.
+    script = service["command"][2].replace("$$", "$")
+    port = free_port()
+    assert "--dir /data" in script
+    script = script.replace("--dir /data", f"--dir {tmp_path}")
+    script += f" --port {port} --bind 127.0.0.1 --save ''"
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", **service["environment"]}
+    process = subprocess.Popen(["sh", "-c", script], env=env)
+    try:
+        client = redis_py.Redis(port=port, password=env["REDIS_PASSWORD"])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis_py.ConnectionError:
+                assert time.monotonic() < deadline, "redis did not start"
+                time.sleep(0.05)
+        with pytest.raises(redis_py.AuthenticationError):
+            redis_py.Redis(port=port).ping()
+        client.set("k", "v")
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        # The healthcheck: redis-cli reads the password from REDISCLI_AUTH.
+        check = subprocess.run(
+            [
+                "sh",
+                "-c",
+                service["healthcheck"]["test"][1].replace("redis-cli", f"redis-cli -p {port}"),
+            ],
+            env=env,
+            capture_output=True,
+        )
+        assert check.returncode == 0, check
+        client.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert list(tmp_path.glob("appendonly*")), "no append-only file written"
