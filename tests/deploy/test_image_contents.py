@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.deploy.tools import DEPLOY, ROOT, SERVICES
+from tests.deploy.tools import DEPLOY, ROOT, SERVICES, tool
 
 
 def install(service: str, prefix: Path) -> Path:
@@ -117,3 +117,21 @@ def test_install_service_refuses_an_unknown_service(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown service" in result.stderr
+
+
+def test_dockerfile_passes_hadolint():
+    binary = tool(
+        "hadolint", Path(os.environ.get("HEAN_HADOLINT", "")), DEPLOY / ".tools" / "hadolint"
+    )
+    result = subprocess.run([binary, str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_as_non_root_and_checks_health():
+    text = (DEPLOY / "Dockerfile").read_text()
+    stages = [line for line in text.splitlines() if line.startswith("FROM ")]
+    assert len(stages) == 2, "multi-stage: build and runtime"
+    users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert users == ["10001:10001"]
+    assert "HEALTHCHECK" in text and "/opt/hean/healthcheck.py" in text
+    assert "ARG SERVICE" in text and 'install-service.sh "${SERVICE}"' in text
