@@ -16,7 +16,7 @@ def main() -> int:
     port = os.environ.get("HEALTH_PORT") or "8080"
     url = f"http://127.0.0.1:{port}/health"
     try:
-        with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 (fixed http URL)
+        with urllib.request.urlopen(url, timeout=3) as response:
             status = int(response.status)
     except urllib.error.HTTPError as exc:
         status = exc.code

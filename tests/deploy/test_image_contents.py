@@ -135,3 +135,33 @@ def test_dockerfile_runs_as_non_root_and_checks_health():
     assert users == ["10001:10001"]
     assert "HEALTHCHECK" in text and "/opt/hean/healthcheck.py" in text
     assert "ARG SERVICE" in text and 'install-service.sh "${SERVICE}"' in text
+
+
+def test_healthcheck_script_fails_on_unhealthy_503():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Unhealthy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unhealthy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = dict(os.environ, HEALTH_PORT=str(server.server_address[1]))
+        result = subprocess.run(
+            [sys.executable, str(DEPLOY / "healthcheck.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1
+    assert "HTTP 503" in result.stderr
