@@ -10,8 +10,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ LIFECYCLE = (
 @dataclass
 class System:
     gateway: str
+    dashboard: str
     env: dict[str, str]
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
@@ -76,6 +79,7 @@ def _free(port: int) -> bool:
 @pytest.fixture
 def system(redis_url: str, subprocess_env: dict[str, str], tmp_path: Path) -> Iterator[System]:
     gateway_port = free_port()
+    ui_port = free_port()
     env = {
         **subprocess_env,
         "API_TOKEN": TOKEN,
@@ -91,12 +95,12 @@ def system(redis_url: str, subprocess_env: dict[str, str], tmp_path: Path) -> It
     args = [
         HEAN, "up", "--redis-url", redis_url, "--gateway-port", str(gateway_port),
         "--health-port-base", str(free_block(12)), "--workdir", str(tmp_path),
-        "--replay-speed", "1200", "--interval", "1",
+        "--replay-speed", "1200", "--interval", "1", "--ui-port", str(ui_port),
     ]  # fmt: skip
     proc = subprocess.Popen(
         args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    sut = System(f"http://127.0.0.1:{gateway_port}", env, proc)
+    sut = System(f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{ui_port}", env, proc)
     reader = threading.Thread(target=lambda: sut.lines.extend(proc.stdout or ()), daemon=True)
     reader.start()
     try:
@@ -109,6 +113,14 @@ def system(redis_url: str, subprocess_env: dict[str, str], tmp_path: Path) -> It
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _before(a: str, b: str) -> bool:
+    def key(entry_id: str) -> tuple[int, int]:
+        ms, _, seq = entry_id.partition("-")
+        return int(ms), int(seq)
+
+    return key(a) < key(b)
 
 
 async def get(url: str, **kwargs: Any) -> httpx.Response:
@@ -150,6 +162,11 @@ async def test_system_trade_lifecycle_health_replay_and_kill_switch(
         return services >= SERVICES and healthy and body["missing_services"] == []
 
     await eventually(all_healthy, timeout=60, message="all eight services healthy in /health")
+    # The dashboard `hean up` started answers and reaches the gateway through its proxy.
+    assert (await get(f"{system.dashboard}/healthz")).status_code == 200
+    proxied = await get(f"{system.dashboard}/api/health")
+    assert proxied.status_code == 200
+    assert proxied.json()["orchestrator"]["running"] is True
     for name in ("orchestrator", "ml_engine", "execution"):
         response = await get(f"{system.gateway}/health/{name}")
         assert response.status_code == 200, (name, response.text)
@@ -169,9 +186,10 @@ async def test_system_trade_lifecycle_health_replay_and_kill_switch(
     assert result.returncode == 0, result.stderr
     replayed = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     async with RedisEventStream(redis_url) as stream:
-        fills = [e async for e in stream.replay_events(EventType.ORDER_FILLED)]
-    assert len(replayed) >= len(fills) > 0
-    assert {r["event_id"] for r in replayed} >= {f.event_id for f in fills}
+        listed = [e async for e in stream.replay_events(EventType.ORDER_FILLED)]
+    # Fills keep coming while the command runs: what it listed is the stream up to then.
+    assert replayed
+    assert [r["event_id"] for r in replayed] == [f.event_id for f in listed[: len(replayed)]]
 
     # The kill switch: refused without the token; with it, it blocks new orders and
     # shows in health.
@@ -185,6 +203,8 @@ async def test_system_trade_lifecycle_health_replay_and_kill_switch(
     assert triggered.status_code == 200, triggered.text
     assert triggered.json()["applied"] is True
     assert triggered.json()["killswitch"]["active"] is True
+    # Risk applied it before answering: any decision made from now on sees it.
+    applied_ns = time.time_ns()
     after = await redis_client.xinfo_stream(stream_key(EventType.ORDER_REQUEST))
     since = after["last-generated-id"]
     since = since.decode() if isinstance(since, bytes) else since
@@ -203,16 +223,27 @@ async def test_system_trade_lifecycle_health_replay_and_kill_switch(
     await eventually(
         a_request_was_blocked, timeout=120, interval=0.5, message="an order refused by the kill"
     )
+    # After the kill, only orders that reduce the position they meet are approved.
     async with RedisEventStream(redis_url) as stream:
-        requests_after = [
-            e async for e in stream.replay_events(EventType.ORDER_REQUEST, f"({since}")
+        approved_after = [
+            (i, e) async for i, e in stream.replay_entries(EventType.ORDER_APPROVED, f"({since}")
         ]
-        approved = {
-            e.data["order_id"]: e async for e in stream.replay_events(EventType.ORDER_APPROVED)
-        }
-    for request in requests_after:
-        if request.data["order_id"] in approved:
-            assert request.data.get("reduce_only"), "a new order was approved after the kill"
+        fills = [(i, e) async for i, e in stream.replay_entries(EventType.ORDER_FILLED)]
+    for approved_id, order in approved_after:
+        if order.timestamp <= applied_ns:
+            continue  # decided before the kill switch was applied, published just after
+        position = sum(
+            (
+                Decimal(f.data["filled_qty"]) * (1 if f.data["side"] == "BUY" else -1)
+                for fill_id, f in fills
+                if _before(fill_id, approved_id) and f.data["symbol"] == order.data["symbol"]
+            ),
+            Decimal(0),
+        )
+        signed = order.data["size"] * (1 if order.data["side"] == "BUY" else -1)
+        assert position != 0, f"{order.data['order_id']} approved after the kill, no position"
+        assert (position > 0) != (signed > 0), f"{order.data['order_id']} adds to the position"
+        assert abs(signed) <= abs(position), f"{order.data['order_id']} flips the position"
 
     async def health_shows_kill_switch() -> bool:
         health = (await get(f"{system.gateway}/health")).json()

@@ -32,6 +32,7 @@ def test_up_starts_all_services_and_stops_cleanly(redis_url, subprocess_env, tmp
         base = free_port()
     proc = subprocess.Popen(
         [HEAN, "up", "--redis-url", redis_url, "--gateway-port", str(gateway_port),
+         "--ui-port", "0",
          "--health-port-base", str(base), "--workdir", str(tmp_path), "--replay-speed", "600",
          "--interval", "0.5"],
         env={**subprocess_env, "COLUMNS": "300"}, cwd=ROOT, stdout=subprocess.PIPE,

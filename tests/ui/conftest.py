@@ -193,6 +193,8 @@ def system(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
             # Fast enough that the features warm up and trades happen within seconds.
             "--replay-speed", "1200",
             "--interval", "5",
+            # These tests start the dashboard themselves, on a port of their own.
+            "--ui-port", "0",
         ],
         env,
         workdir,

@@ -391,6 +391,9 @@ def up(
     start_timeout: Annotated[
         float, typer.Option(min=1, help="seconds for services to start")
     ] = 120.0,
+    ui_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="dashboard port (0: no dashboard)")
+    ] = 3000,
 ) -> None:
     """Run the whole system locally in paper mode (Redis too if none answers); Ctrl-C stops it."""
     from hean.cli.up import UpOptions, run_up
@@ -408,6 +411,7 @@ def up(
                 workdir=workdir,
                 interval=interval,
                 start_timeout=start_timeout,
+                ui_port=ui_port,
             ),
             console,
         )

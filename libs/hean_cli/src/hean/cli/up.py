@@ -1,4 +1,5 @@
-"""`hean up`: Redis (if none answers), consumer groups, then the eight services as children.
+"""`hean up`: Redis (if none answers), consumer groups, the eight services as children, then
+the dashboard (`hean.ui`, port 3000).
 
 Order matters for not losing events: every consumer group is created before any service
 starts (a group created at `$` after market-data already published would miss those
@@ -35,6 +36,7 @@ from hean.core.devrun import ensure_redis
 from hean.core.event_streams import ensure_group, stream_key
 from hean.core.health import read_snapshots
 from hean.core.settings import redact_url
+from hean.core.topology import CONSUMER_GROUPS
 from hean.core.types import EventType
 from hean.gateway.health_view import merge_health
 
@@ -50,40 +52,27 @@ class ServiceSpec:
 
 
 E = EventType
-#: The eight services in start order (downstream first, market data last). Keep
-#: `subscribes` in step with each service's `bus.subscribe` calls: the `hean up` test checks
-#: that no service creates a group this table lacks.
+
+
+def _spec(name: str, module: str, from_start: frozenset[EventType] = frozenset()) -> ServiceSpec:
+    return ServiceSpec(name, module, tuple(sorted(CONSUMER_GROUPS.get(name, ()))), from_start)
+
+
+#: The eight services in start order (downstream first, market data last). What each one
+#: consumes is the system's topology (`hean.core.topology`, checked against the services by
+#: tests/e2e/test_topology.py). Portfolio and risk read ORDER_FILLED from the stream's start.
 SERVICES: Final[tuple[ServiceSpec, ...]] = (
-    ServiceSpec("api-gateway", "hean.gateway"),
-    ServiceSpec(
-        "portfolio",
-        "hean.portfolio",
-        (E.ORDER_FILLED, E.TICK, E.CANDLE),
-        frozenset({E.ORDER_FILLED}),
-    ),
-    ServiceSpec(
-        "execution", "hean.execution", (E.ORDER_APPROVED, E.TICK, E.CANDLE, E.KILLSWITCH_TRIGGERED)
-    ),
-    ServiceSpec(
-        "risk",
-        "hean.risk",
-        (
-            E.SIGNAL,
-            E.ORDER_REQUEST,
-            E.ORDER_FILLED,
-            E.ORDER_CANCELLED,
-            E.ORDER_REJECTED,
-            E.PNL_UPDATE,
-            E.TICK,
-            E.CANDLE,
-        ),
-        frozenset({E.ORDER_FILLED}),
-    ),
-    ServiceSpec("strategy", "hean.strategy", (E.ML_PREDICTION,)),
-    ServiceSpec("ml-service", "hean.ml", (E.FEATURES_READY,)),
-    ServiceSpec("features", "hean.features", (E.CANDLE,)),
-    ServiceSpec("market-data", "hean.market_data"),
+    _spec("api-gateway", "hean.gateway"),
+    _spec("portfolio", "hean.portfolio", frozenset({E.ORDER_FILLED})),
+    _spec("execution", "hean.execution"),
+    _spec("risk", "hean.risk", frozenset({E.ORDER_FILLED})),
+    _spec("strategy", "hean.strategy"),
+    _spec("ml-service", "hean.ml"),
+    _spec("features", "hean.features"),
+    _spec("market-data", "hean.market_data"),
 )
+#: The dashboard: started after the gateway it talks to, answers on /healthz.
+UI = ServiceSpec("ui", "hean.ui")
 
 #: Counted in the status line (entries ever added, so trimming does not hide them).
 COUNTED: Final[Mapping[str, EventType]] = {
@@ -107,6 +96,8 @@ class UpOptions:
     workdir: str = ".hean"
     interval: float = 2.0
     start_timeout: float = 120.0
+    #: The dashboard's port; 0 starts no dashboard.
+    ui_port: int = 3000
 
 
 @dataclass
@@ -132,7 +123,9 @@ class Supervisor:
 
     # --- preparation ---------------------------------------------------------------------
 
-    def check_installed(self, specs: tuple[ServiceSpec, ...] = SERVICES) -> None:
+    def check_installed(self, specs: tuple[ServiceSpec, ...] | None = None) -> None:
+        if specs is None:
+            specs = (*SERVICES, UI) if self.options.ui_port else SERVICES
         missing = []
         for spec in specs:
             try:
@@ -162,6 +155,8 @@ class Supervisor:
 
     def check_ports(self, plan: list[tuple[ServiceSpec, str, int]]) -> None:
         wanted = [(self.options.gateway_host, self.options.gateway_port, "--gateway-port")]
+        if self.options.ui_port:
+            wanted.append((self.options.gateway_host, self.options.ui_port, "--ui-port"))
         wanted += [("127.0.0.1", port, "--health-port-base") for _, _, port in plan]
         for host, port, option in wanted:
             if port == 0:
@@ -199,6 +194,20 @@ class Supervisor:
             await client.aclose()
         return created
 
+    def ui_env(self) -> dict[str, str]:
+        host = self.options.gateway_host
+        reach = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+        env = dict(os.environ)
+        env.update(
+            {
+                "UI_HOST": host,
+                "UI_PORT": str(self.options.ui_port),
+                "GATEWAY_URL": f"http://{reach}:{self.options.gateway_port}",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
     def child_env(self, health_port: int) -> dict[str, str]:
         env = dict(os.environ)
         for name in ("SERVICE_NAME", "INSTANCE_ID", "HEALTH_PORT"):
@@ -220,7 +229,9 @@ class Supervisor:
         )
         return env
 
-    def spawn(self, spec: ServiceSpec, label: str, port: int) -> Child:
+    def spawn(
+        self, spec: ServiceSpec, label: str, port: int, env: dict[str, str] | None = None
+    ) -> Child:
         logs = Path(self.options.workdir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{label}.log"
@@ -229,7 +240,7 @@ class Supervisor:
         log_file.flush()
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", spec.module],
-            env=self.child_env(port),
+            env=env if env is not None else self.child_env(port),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -238,8 +249,8 @@ class Supervisor:
         )
         return Child(label, port, log_path, process, log_file)
 
-    def wait_ready(self, child: Child, deadline: float) -> None:
-        url = f"http://127.0.0.1:{child.health_port}/health"
+    def wait_ready(self, child: Child, deadline: float, path: str = "/health") -> None:
+        url = f"http://127.0.0.1:{child.health_port}{path}"
         while True:
             code = child.process.poll()
             if code is not None:
@@ -274,12 +285,19 @@ class Supervisor:
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=self.console, transient=True) as bar:
-            task = bar.add_task("starting services", total=len(plan))
+            with_ui = 1 if self.options.ui_port else 0
+            task = bar.add_task("starting services", total=len(plan) + with_ui)
             for spec, label, port in plan:
                 bar.update(task, description=f"starting {label}")
                 child = self.spawn(spec, label, port)
                 self.children.append(child)
                 self.wait_ready(child, deadline)
+                bar.advance(task)
+            if with_ui:
+                bar.update(task, description="starting the dashboard")
+                child = self.spawn(UI, UI.name, self.options.ui_port, env=self.ui_env())
+                self.children.append(child)
+                self.wait_ready(child, deadline, path="/healthz")
                 bar.advance(task)
 
     def report_exits(self) -> None:
@@ -409,11 +427,12 @@ def run_up(options: UpOptions, console: Console) -> int:
         console.print(f"consumer groups ready ({created} created)")
         sup.start_all()
         host = "127.0.0.1" if options.gateway_host in ("0.0.0.0", "") else options.gateway_host  # noqa: S104
+        dashboard = f"Dashboard: http://{host}:{options.ui_port}. " if options.ui_port else ""
         console.print(
             f"HEAN is running in paper mode ({len(sup.children)} processes). "
             f"Gateway: http://{host}:{options.gateway_port} "
-            f"(health /health, API docs /docs); logs in {Path(options.workdir) / 'logs'}. "
-            "Ctrl-C stops everything.",
+            f"(health /health, API docs /docs). {dashboard}"
+            f"Logs in {Path(options.workdir) / 'logs'}. Ctrl-C stops everything.",
             soft_wrap=True,
         )
         for s in (signal.SIGINT, signal.SIGTERM):
