@@ -162,7 +162,12 @@ async def test_system_trade_lifecycle_health_replay_and_kill_switch(
         return services >= SERVICES and healthy and body["missing_services"] == []
 
     await eventually(all_healthy, timeout=60, message="all eight services healthy in /health")
-    # The dashboard `hean up` started answers and reaches the gateway through its proxy.
+    # The dashboard `hean up` starts last answers and reaches the gateway through its proxy.
+    await eventually(
+        lambda: any("HEAN is running" in line for line in system.lines),
+        timeout=60,
+        message="hean up to report it runs",
+    )
     assert (await get(f"{system.dashboard}/healthz")).status_code == 200
     proxied = await get(f"{system.dashboard}/api/health")
     assert proxied.status_code == 200
