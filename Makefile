@@ -6,7 +6,11 @@ LIBS := $(sort $(wildcard libs/*/pyproject.toml))
 SERVICES := $(sort $(wildcard services/*/pyproject.toml))
 EDITABLES := $(foreach p,$(LIBS) $(SERVICES),-e $(dir $(p))) -e .[dev]
 
-.PHONY: install run run-demo test test-unit test-integration lint typecheck check bench clean
+COMPOSE ?= docker compose
+COMPOSE_ARGS := -f deploy/docker-compose.yml --env-file .env
+
+.PHONY: install run run-demo test test-unit test-integration test-reliability lint typecheck \
+	check bench validate up up-full down clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +34,24 @@ test-unit: install
 
 test-integration: install
 	$(BIN)/pytest -q tests/integration
+
+# Fault injection, bad input, access and soak on real processes (HEAN_CHAOS_LONG=1: long runs)
+test-reliability: install
+	$(BIN)/pytest -q -p no:cacheprovider tests/chaos
+
+# Compose, Prometheus and Grafana files checked with real tools (no Docker engine needed)
+validate: install
+	bash deploy/validate.sh
+
+# The Docker stack (needs a Docker engine; copy .env.example to .env and set the passwords)
+up:
+	$(COMPOSE) $(COMPOSE_ARGS) up -d --build
+
+up-full:
+	$(COMPOSE) $(COMPOSE_ARGS) --profile full up -d --build
+
+down:
+	$(COMPOSE) $(COMPOSE_ARGS) --profile full --profile kafka down
 
 lint: install
 	$(BIN)/ruff check .

@@ -27,7 +27,9 @@ from hean.gateway.health_view import merge_health
 from hean.gateway.killswitch import MAX_REASON_LENGTH, killswitch_state, send_command
 from hean.gateway.settings import DEFAULT_EXPECTED_SERVICES
 
-console = Console()
+# Piped or captured output has no terminal width; rich would squeeze tables into 80 columns
+# until every cell is an ellipsis. Give it room (COLUMNS still wins when set).
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 err_console = Console(stderr=True)
 
 app = typer.Typer(

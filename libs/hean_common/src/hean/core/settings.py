@@ -34,6 +34,8 @@ class CoreSettings(BaseSettings):
         extra="ignore",
         frozen=True,
         validate_default=True,
+        # `NAME=` in an env file (as .env.example lists them) means "use the default".
+        env_ignore_empty=True,
     )
 
     # Redis and the event bus
