@@ -400,3 +400,37 @@ async def test_bus_permanent_error_dead_lettered_at_first_failure(
     assert letter.deliveries == 1
     assert "PermanentError: feature list does not match" in letter.error
     assert attempts == [1]
+
+
+async def test_bus_reports_group_lag_and_pending_as_metrics(
+    redis_url: str, buses: list[EventBus]
+) -> None:
+    gate = asyncio.Event()
+
+    async def slow(event: Event) -> None:
+        await gate.wait()
+
+    consumer = make_bus(redis_url, "portfolio", batch_size=2, worker_count=1)
+    consumer.subscribe(EventType.TICK, slow)
+    await consumer.start()
+    buses.append(consumer)
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+    for i in range(300):
+        await publisher.publish(tick(i))
+    await publisher.flush(10)
+    metrics = consumer.metrics
+    assert metrics is not None
+
+    def gauge(name: str) -> float:
+        for line in metrics.render().decode().splitlines():
+            if line.startswith(f'{name}{{stream="{TICKS}"}}'):
+                return float(line.rsplit(" ", 1)[1])
+        return -1.0
+
+    await eventually(lambda: gauge("hean_eventbus_pending") > 0, message="pending reported")
+    await eventually(lambda: gauge("hean_eventbus_group_lag") > 0, message="lag reported")
+    gate.set()
+    await eventually(lambda: gauge("hean_eventbus_group_lag") == 0, timeout=20, message="lag 0")
+    await eventually(lambda: gauge("hean_eventbus_pending") == 0, timeout=20, message="drained")

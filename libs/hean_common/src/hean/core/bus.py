@@ -9,10 +9,10 @@ Two transports behind one API:
   every event. An entry is acked only after every local handler of its type has returned
   and every event those handlers published has reached Redis. Failed entries are retried
   (XCLAIM, so Redis counts deliveries) and dead-lettered after `max_deliveries` with the
-  error; a `PermanentError` and malformed entries are dead-lettered at once. Entries of a crashed consumer are
-  taken over with XAUTOCLAIM once idle. While Redis is unreachable, publishes wait in a
-  bounded outbox that is flushed in order on reconnect; past the bound publish raises
-  "Queue is full".
+  error; a `PermanentError` and malformed entries are dead-lettered at once. Entries of a
+  crashed consumer are taken over with XAUTOCLAIM once idle. While Redis is unreachable,
+  publishes wait in a bounded outbox that is flushed in order on reconnect; past the bound
+  publish raises "Queue is full".
 
 Handlers run on `worker_count` workers; events with the same key (symbol, else order id,
 else type) always go to the same worker, so per-symbol order is kept while symbols run in
@@ -928,6 +928,7 @@ class RedisStreamsTransport(Transport):
             try:
                 for event_type in self.dispatcher.event_types:
                     await self._reclaim(stream_key(event_type))
+                    await self._report_group(stream_key(event_type))
                 if time.monotonic() - last_gc > self.config.consumer_gc_idle_ms / 1000 / 4:
                     last_gc = time.monotonic()
                     for event_type in self.dispatcher.event_types:
@@ -990,6 +991,19 @@ class RedisStreamsTransport(Transport):
                         await self._accept(stream, entry_id, fields, deliveries)
             if cursor == "0-0":
                 return
+
+    async def _report_group(self, stream: str) -> None:
+        """Our group's backlog on `stream` as metrics: lag (not yet delivered to anyone in
+        the group) and pending (delivered, not acked). Both growing = consumers too slow."""
+        if self.metrics is None:
+            return
+        groups: Any = await self.client.xinfo_groups(stream)
+        for info in groups:
+            if as_str(info["name"]) == self.config.group:
+                self.metrics.pending.labels(stream).set(int(info["pending"]))
+                lag = info.get("lag")
+                if lag is not None:  # Redis cannot tell after some trims: leave it unset
+                    self.metrics.group_lag.labels(stream).set(int(lag))
 
     async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
         def key(entry: str) -> tuple[int, int]:
