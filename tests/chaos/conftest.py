@@ -62,8 +62,8 @@ class Report:
             "",
             "Written by `pytest tests/chaos` itself at the end of its run "
             "(`tests/chaos/conftest.py`); every figure below comes from that run. Real "
-            "service processes (`python -m hean.<pkg>`) on real redis-servers, the paper "
-            "exchange or a local fake Bybit v5 server; no mocks of Redis.",
+            "service processes (`python -m hean.<pkg>`) on real redis-servers and the paper "
+            "exchange; no mocks of Redis.",
             "",
             f"- run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(self.started))}, "
             f"{took:.0f} s, {'long' if LONG else 'CI'} variant "
