@@ -119,11 +119,6 @@ async def test_execution_restart_fills_approval_at_last_known_price(
     assert len(filled) == 1, f"rejected instead: {rejected}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a candle a killed features consumer left pending is claimed after the "
-    "restarted instance processed a newer bar, then ignored as stale: its row is lost",
-)
 @pytest.mark.timeout(120)
 async def test_features_restart_does_not_drop_candle_left_pending(
     system: System, redis_url: str, redis_client: aioredis.Redis, report: Report

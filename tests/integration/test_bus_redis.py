@@ -434,3 +434,55 @@ async def test_bus_reports_group_lag_and_pending_as_metrics(
     gate.set()
     await eventually(lambda: gauge("hean_eventbus_group_lag") == 0, timeout=20, message="lag 0")
     await eventually(lambda: gauge("hean_eventbus_pending") == 0, timeout=20, message="drained")
+
+
+async def test_bus_exclusive_consumer_at_start_handles_predecessor_pending_before_new(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+    for i in range(5):
+        await publisher.publish(tick(i))
+    await publisher.flush(10)
+    # A predecessor read 0..4 and died before acking; 5..9 arrive while nobody runs.
+    await redis_client.xgroup_create(TICKS, "auditor", id="0")
+    await redis_client.xreadgroup("auditor", "auditor:old-pid", {TICKS: ">"}, count=5)
+    for i in range(5, 10):
+        await publisher.publish(tick(i))
+    await publisher.flush(10)
+
+    seen: list[int] = []
+    successor = make_bus(
+        redis_url, "auditor", "auditor:new-pid", exclusive=True, claim_idle_ms=600_000
+    )
+    successor.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+    await successor.start()
+    buses.append(successor)
+    await eventually(lambda: len(seen) == 10, message="every tick")
+    assert seen == list(range(10)), "the predecessor's entries were not handled first"
+
+
+async def test_bus_consumer_restarted_under_same_name_handles_own_pending_first(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+    for i in range(3):
+        await publisher.publish(tick(i))
+    await publisher.flush(10)
+    await redis_client.xgroup_create(TICKS, "auditor", id="0")
+    await redis_client.xreadgroup("auditor", "auditor:replica-1", {TICKS: ">"}, count=3)
+    for i in range(3, 6):
+        await publisher.publish(tick(i))
+    await publisher.flush(10)
+
+    seen: list[int] = []
+    again = make_bus(redis_url, "auditor", "auditor:replica-1", claim_idle_ms=600_000)
+    again.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+    await again.start()
+    buses.append(again)
+    await eventually(lambda: len(seen) == 6, message="every tick")
+    assert seen == list(range(6))
+    await eventually(lambda: _group_pending_in(redis_client, "auditor", 0), message="acked")

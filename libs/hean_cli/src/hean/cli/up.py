@@ -208,10 +208,13 @@ class Supervisor:
         )
         return env
 
-    def child_env(self, health_port: int) -> dict[str, str]:
+    def child_env(self, health_port: int, label: str = "") -> dict[str, str]:
         env = dict(os.environ)
         for name in ("SERVICE_NAME", "INSTANCE_ID", "HEALTH_PORT"):
             env.pop(name, None)
+        if label:
+            # A stable consumer name: the next run first handles what this one left unacked.
+            env["INSTANCE_ID"] = f"{socket.gethostname()}-{label}"
         env.update(
             {
                 "REDIS_URL": self.options.redis_url,
@@ -240,7 +243,7 @@ class Supervisor:
         log_file.flush()
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", spec.module],
-            env=env if env is not None else self.child_env(port),
+            env=env if env is not None else self.child_env(port, label),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

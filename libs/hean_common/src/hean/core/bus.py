@@ -427,6 +427,9 @@ class RedisBusConfig:
     consumer_gc_idle_ms: int = 600_000
     # Create the system's consumer groups (hean.core.topology) before publishing anything.
     ensure_topology: bool = True
+    #: The only consumer of its group (every HEAN service but ml-service): at start it takes
+    #: over all of the group's pending entries before reading new ones.
+    exclusive: bool = False
 
     @classmethod
     def from_settings(cls, settings: CoreSettings, **overrides: Any) -> RedisBusConfig:
@@ -476,6 +479,7 @@ class RedisStreamsTransport(Transport):
         self._tasks: list[asyncio.Task[None]] = []
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._running = False
+        self._recovered_at_start = False
         self._stopping = asyncio.Event()
         self._connected = False
         self._last_error: str | None = None
@@ -720,6 +724,9 @@ class RedisStreamsTransport(Transport):
                 continue
             try:
                 await self._ensure_groups()
+                if not self._recovered_at_start:
+                    await self._recover_at_start()
+                    continue
                 streams: dict[Any, Any] = {stream_key(t): ">" for t in event_types}
                 response: Any = await self._reader.xreadgroup(
                     self.config.group,
@@ -942,55 +949,101 @@ class RedisStreamsTransport(Transport):
                 else:
                     log.error("reclaim failed: %s", exc)
 
-    async def _reclaim(self, stream: str) -> None:
-        """Take over entries idle past `claim_idle_ms` (a dead or stuck consumer's)."""
+    async def _reclaim(self, stream: str, *, min_idle_ms: int | None = None) -> None:
+        """Take over entries idle past `min_idle_ms` (default `claim_idle_ms`: a dead or
+        stuck consumer's; 0 at the start of an exclusive consumer: all of them)."""
+        idle = self.config.claim_idle_ms if min_idle_ms is None else min_idle_ms
         cursor = "0-0"
-        for _ in range(100):  # XAUTOCLAIM scans a bounded window: loop until the cursor is 0-0
+        for _ in range(10_000):  # XAUTOCLAIM scans a bounded window: loop to cursor 0-0
             if len(self._in_flight) >= self.max_in_flight:
-                return
+                if min_idle_ms is None:
+                    return  # busy: the next round takes the rest
+                await self._wait_capacity()
             result: Any = await self.client.xautoclaim(
                 stream,
                 self.config.group,
                 self.config.consumer,
-                min_idle_time=self.config.claim_idle_ms,
+                min_idle_time=idle,
                 start_id=cursor,
                 count=self.config.batch_size * 10,
             )
             cursor = as_str(result[0])
-            claimed = result[1]
-            deleted = result[2] if len(result) > 2 else []
-            if deleted:
-                # Trimmed or deleted while pending (Redis >= 7): nothing left to handle.
-                self.deleted_pending_count += len(deleted)
-                for raw_id in deleted:
-                    self._queue_ack(stream, as_str(raw_id))
-                log.warning(
-                    "%d pending entries of %s were trimmed before handling", len(deleted), stream
-                )
-            fresh = [
-                (as_str(i), f) for i, f in claimed if (stream, as_str(i)) not in self._in_flight
-            ]
-            if fresh:
-                counts = await self._delivery_counts(stream, [i for i, _ in fresh])
-                self.reclaimed_count += len(fresh)
-                if self.metrics is not None:
-                    self.metrics.reclaimed.inc(len(fresh))
-                for entry_id, fields in fresh:
-                    deliveries = counts.get(entry_id, 1)
-                    if deliveries > self.config.max_deliveries:
-                        raw = (fields or {}).get(EVENT_FIELD, b"")
-                        await self._dead_letter(
-                            stream,
-                            entry_id,
-                            raw,
-                            deliveries - 1,
-                            f"gave up after {deliveries - 1} deliveries without an ack "
-                            "(handlers failed or consumers died while handling it)",
-                        )
-                    else:
-                        await self._accept(stream, entry_id, fields, deliveries)
+            await self._take_over(stream, result[1], result[2] if len(result) > 2 else [])
             if cursor == "0-0":
                 return
+
+    async def _read_own_pending(self, stream: str) -> None:
+        """Entries this consumer (same name: a stable INSTANCE_ID) read before a restart but
+        never acked: handled first, in order, before anything new."""
+        cursor = "0-0"
+        assert self._reader is not None
+        while True:
+            await self._wait_capacity()
+            response: Any = await self._reader.xreadgroup(
+                self.config.group,
+                self.config.consumer,
+                {stream: cursor},
+                count=self.config.batch_size * 10,
+            )
+            entries = response[0][1] if response else []
+            if not entries:
+                return
+            cursor = as_str(entries[-1][0])
+            # An entry deleted or trimmed since comes back without fields.
+            present = [(i, f) for i, f in entries if f]
+            deleted = [i for i, f in entries if not f]
+            await self._take_over(stream, present, deleted)
+
+    async def _take_over(self, stream: str, claimed: list[Any], deleted: list[Any]) -> None:
+        """Dispatch entries taken over from the group's pending list (with their delivery
+        counts; dead-lettered past `max_deliveries`); ack those trimmed meanwhile."""
+        if deleted:
+            # Trimmed or deleted while pending (Redis >= 7): nothing left to handle.
+            self.deleted_pending_count += len(deleted)
+            for raw_id in deleted:
+                self._queue_ack(stream, as_str(raw_id))
+            log.warning(
+                "%d pending entries of %s were trimmed before handling", len(deleted), stream
+            )
+        fresh = [(as_str(i), f) for i, f in claimed if (stream, as_str(i)) not in self._in_flight]
+        if not fresh:
+            return
+        counts = await self._delivery_counts(stream, [i for i, _ in fresh])
+        self.reclaimed_count += len(fresh)
+        if self.metrics is not None:
+            self.metrics.reclaimed.inc(len(fresh))
+        for entry_id, fields in fresh:
+            deliveries = counts.get(entry_id, 1)
+            if deliveries > self.config.max_deliveries:
+                raw = (fields or {}).get(EVENT_FIELD, b"")
+                await self._dead_letter(
+                    stream,
+                    entry_id,
+                    raw,
+                    deliveries - 1,
+                    f"gave up after {deliveries - 1} deliveries without an ack "
+                    "(handlers failed or consumers died while handling it)",
+                )
+            else:
+                await self._accept(stream, entry_id, fields, deliveries)
+
+    async def _wait_capacity(self) -> None:
+        while self._running and len(self._in_flight) >= self.max_in_flight:
+            self._capacity.clear()
+            await self._capacity.wait()
+
+    async def _recover_at_start(self) -> None:
+        """Before reading anything new, handle what this group left unacked: an exclusive
+        consumer (the only one of its service) takes over every pending entry, whoever
+        held it, since its holder was a predecessor that died; any consumer handles its own.
+        New events wait, so a restart keeps per-stream order (ADR 0002)."""
+        for event_type in self.dispatcher.event_types:
+            stream = stream_key(event_type)
+            if self.config.exclusive:
+                await self._reclaim(stream, min_idle_ms=0)
+            else:
+                await self._read_own_pending(stream)
+        self._recovered_at_start = True
 
     async def _report_group(self, stream: str) -> None:
         """Our group's backlog on `stream` as metrics: lag (not yet delivered to anyone in

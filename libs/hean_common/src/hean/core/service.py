@@ -64,10 +64,16 @@ async def serve(
     *,
     stop_event: asyncio.Event | None = None,
     ready: Callable[[ServiceContext, int], None] | None = None,
+    exclusive: bool = True,
 ) -> None:
-    """Run service `name` until `stop_event` is set (or SIGTERM/SIGINT)."""
+    """Run service `name` until `stop_event` is set (or SIGTERM/SIGINT).
+
+    `exclusive`: this service runs as a single consumer of its group (its state is in the
+    process), so at start it takes over everything a dead predecessor left pending before
+    reading new events. Only stateless, scalable services (ml-service) pass False.
+    """
     metrics = Metrics()
-    bus = EventBus.redis(settings, metrics=metrics)
+    bus = EventBus.redis(settings, metrics=metrics, exclusive=exclusive)
     client = aioredis.Redis.from_url(
         settings.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0
     )
@@ -130,6 +136,7 @@ def run_service(
     build: Build,
     *,
     settings_cls: type[CoreSettings] = CoreSettings,
+    exclusive: bool = True,
 ) -> int:
     """`main()` of a service process. Returns the exit status."""
     try:
@@ -139,7 +146,7 @@ def run_service(
         return 2
     configure_logging(settings)
     try:
-        asyncio.run(serve(name, build, settings))
+        asyncio.run(serve(name, build, settings, exclusive=exclusive))
     except SettingsError as exc:
         log.error("%s", exc)
         return 2

@@ -8,4 +8,5 @@ from hean.core.service import run_service
 from hean.ml.service import MLServiceSettings, build
 
 if __name__ == "__main__":
-    sys.exit(run_service("ml-service", build, settings_cls=MLServiceSettings))
+    # Replicas share the group (--scale ml-service=3): not an exclusive consumer.
+    sys.exit(run_service("ml-service", build, settings_cls=MLServiceSettings, exclusive=False))
