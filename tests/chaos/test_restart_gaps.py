@@ -1,8 +1,7 @@
-"""Two ways a restart loses work, found by the kill run, each reproduced deterministically.
-
-Both are marked `xfail(strict=True)`: they fail today and will turn CI red (XPASS) once
-fixed, so the marker must then be removed. Fixes proposed in docs/RELIABILITY.md.
-"""
+"""Two ways a restart lost work, found by the kill run, each reproduced deterministically
+and kept as a regression test now that both are fixed: a restarted execution had no prices
+until the next tick, and a restarted features service dropped the bar its killed
+predecessor had in hand."""
 
 from __future__ import annotations
 
@@ -58,11 +57,6 @@ def _candle(n: int) -> Event:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a restarted execution rejects approvals with 'no market data' until a new "
-    "TICK arrives, although the last prices are in Redis",
-)
 @pytest.mark.timeout(120)
 async def test_execution_restart_fills_approval_at_last_known_price(
     system: System, redis_url: str, redis_client: aioredis.Redis, report: Report
@@ -108,13 +102,12 @@ async def test_execution_restart_fills_approval_at_last_known_price(
         if e.data["order_id"] == "after-restart-1"
     ]
     report.add(
-        "Known bugs",
-        "- **execution forgets prices on restart**: an approval handled by a restarted "
-        "execution before its first new TICK is refused: "
-        f"{rejected or 'no rejection'}. Fix: at start, seed the paper exchange's last price "
-        "per symbol from the newest TICK/CANDLE in Redis (XREVRANGE COUNT 1) before "
-        "subscribing; or treat 'no market data' as a TransientError so the bus retries "
-        "it. (`test_restart_gaps.py::test_execution_restart_fills_approval_at_last_known_price`)",
+        "Restart recovery",
+        "- **execution after a restart** (found by the kill run, fixed): an approval handled "
+        "before the first new TICK fills at the last price in Redis (the service warms its "
+        "market state up from the newest TICK/CANDLE events at start); rejections: "
+        f"{rejected or 'none'}. "
+        "(`test_restart_gaps.py::test_execution_restart_fills_approval_at_last_known_price`)",
     )
     assert len(filled) == 1, f"rejected instead: {rejected}"
 
@@ -157,16 +150,11 @@ async def test_features_restart_does_not_drop_candle_left_pending(
     rows = {e.data["timestamp"] for e in await events(redis_client, EventType.FEATURES_READY)}
     lost = [n for n in (warm, warm + 1) if T0 + n * BAR_NS not in rows]
     report.add(
-        "Known bugs",
-        "- **a restart loses the bar a killed consumer had in hand** (features; the same "
-        "mechanism drops ML_PREDICTIONs in strategy after an ml-service kill): the "
-        "restarted instance has a new consumer name, reads new entries at once, and the "
-        "dead consumer's pending entry is claimed only after EVENT_CLAIM_IDLE_MS, when a "
-        "newer bar was processed, so it is ignored as stale and its row never published "
-        f"(bars lost here: {len(lost)}). Fix: at start, before reading `>`, claim the "
-        "pending entries of consumers of the group that have no live health snapshot "
-        "(XCLAIM with min-idle 0) and handle them first; or keep a stable INSTANCE_ID "
-        "across restarts and read the consumer's own pending entries (`0`) before `>`. "
+        "Restart recovery",
+        "- **features after a restart** (found by the kill run, fixed): the bar a killed "
+        "consumer had in hand is handled before newer ones, because an exclusive service "
+        "takes over its dead predecessor's pending entries at start before reading new "
+        f"entries (ADR 0002); bars lost here: {len(lost)}. "
         "(`test_restart_gaps.py::test_features_restart_does_not_drop_candle_left_pending`)",
     )
     assert lost == []

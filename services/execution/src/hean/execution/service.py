@@ -18,15 +18,17 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal, cast
 
 import ccxt  # type: ignore[import-untyped]
+import redis.asyncio as aioredis
 from pydantic import Field, field_validator, model_validator
 
 from hean.core.bus import EventBus
 from hean.core.circuit_breaker import CircuitBreaker, CircuitBreakerOpenError
 from hean.core.errors import TransientError
+from hean.core.event_streams import decode_entry, stream_key
 from hean.core.metrics import Metrics
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, ExchangeSettings
-from hean.core.types import Event, EventType
+from hean.core.types import Event, EventType, InvalidEventError
 from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
 from hean.execution.exchange import (
     ChildOrder,
@@ -154,8 +156,10 @@ class ExecutionService:
         metrics: Metrics | None = None,
         breaker: CircuitBreaker | None = None,
         candle_history: int = 50,
+        market_history: aioredis.Redis | None = None,
     ) -> None:
         self.bus = bus
+        self.market_history = market_history
         self.exchange = exchange
         self.router = router or ExecutionRouter()
         self.ledger: OrderLedger = ledger if ledger is not None else MemoryLedger()
@@ -174,6 +178,8 @@ class ExecutionService:
     async def start(self) -> None:
         await self.exchange.start()
         await self.reconcile()
+        if self.market_history is not None:
+            await self.warm_up(self.market_history)
         b = self.bus
         b.subscribe(EventType.ORDER_APPROVED, self.on_approved, name="execution.on_approved")
         b.subscribe(EventType.TICK, self.on_tick, name="execution.on_tick")
@@ -216,6 +222,28 @@ class ExecutionService:
             await self.ledger.finish(order_id, ParentStatus.CANCELLED.value, filled)
             self.reconciled.append(order_id)
         log.warning("reconciled %d open orders left by a previous run", len(leftovers))
+
+    async def warm_up(self, client: aioredis.Redis, count: int = 500) -> None:
+        """Seed the last price per symbol (and the VWAP volume profile) from the newest
+        CANDLE and TICK events in Redis. A restarted execution would otherwise refuse every
+        approval with "no market data" until the next tick arrives. Runs after
+        reconciliation, so no order is resting and nothing can fill at these prices."""
+        seen = 0
+        for event_type, handler in (
+            (EventType.CANDLE, self.on_candle),
+            (EventType.TICK, self.on_tick),
+        ):
+            key = stream_key(event_type)
+            entries: Any = await client.xrevrange(key, count=count)
+            for _entry_id, fields in reversed(entries):
+                try:
+                    event = decode_entry(key, fields)
+                except InvalidEventError:
+                    continue  # its consumers dead-letter it; nothing to learn here
+                await handler(event)
+                seen += 1
+        if seen:
+            log.info("market state warmed up from %d recent events in Redis", seen)
 
     # --- handlers ----------------------------------------------------------------------------
 
@@ -433,6 +461,7 @@ def build(ctx: ServiceContext) -> None:
         router=ExecutionRouter(settings.router_config()),
         ledger=RedisLedger(ctx.redis),
         metrics=ctx.metrics,
+        market_history=ctx.redis,
         breaker=CircuitBreaker(
             settings.exchange,
             failure_threshold=settings.cb_failure_threshold,
