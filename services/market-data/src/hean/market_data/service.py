@@ -35,6 +35,7 @@ from hean.core.candles import (
     load_candles,
     validate_candle_rows,
 )
+from hean.core.errors import QueueFullError
 from hean.core.event_streams import as_str, stream_key
 from hean.core.features import WARMUP_BARS
 from hean.core.metrics import Metrics
@@ -178,6 +179,8 @@ class _Feed:
         self.bars_published = 0
         self.ticks_published = 0
         self.error: str | None = None
+        #: Set while the bus outbox is full (Redis unreachable too long): publishing waits.
+        self.paused: str | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -206,8 +209,34 @@ class _Feed:
     async def _run(self) -> None:
         raise NotImplementedError
 
+    async def _send(self, event: Event) -> None:
+        """Publish; while the bus outbox is full ("Queue is full": Redis unreachable for
+        long), market data pauses rather than being dropped, and resumes when Redis takes
+        the backlog. Returns without publishing only when the feed is stopping."""
+        backoff = Backoff(initial=0.05, maximum=2.0)
+        while True:
+            try:
+                await self.bus.publish(event)
+            except QueueFullError as exc:
+                if self.paused is None:
+                    log.warning("%s; market data paused until Redis takes the backlog", exc)
+                    self.paused = str(exc)
+                if self._stop.is_set():
+                    return
+                await _wait(self._stop, backoff.next_delay())
+                continue
+            if self.paused is not None:
+                log.info("Redis took the backlog; market data resumed")
+                self.paused = None
+            return
+
+    def _paused_health(self) -> dict[str, Any] | None:
+        if self.paused is None:
+            return None
+        return {"state": "degraded", "error_message": f"market data paused: {self.paused}"}
+
     async def _publish_candle(self, candle: Candle) -> None:
-        await self.bus.publish(Event(event_type=EventType.CANDLE, data=candle_data(candle)))
+        await self._send(Event(event_type=EventType.CANDLE, data=candle_data(candle)))
         self.bars_published += 1
         self.m.bars.labels(candle.symbol).inc()
 
@@ -215,7 +244,7 @@ class _Feed:
         self, symbol: str, price: Decimal, volume: Decimal, timestamp_ns: int
     ) -> None:
         data = {"symbol": symbol, "price": price, "volume": volume, "timestamp": timestamp_ns}
-        await self.bus.publish(Event(event_type=EventType.TICK, data=data))
+        await self._send(Event(event_type=EventType.TICK, data=data))
         self.ticks_published += 1
         self.m.ticks.labels(symbol).inc()
 
@@ -335,6 +364,9 @@ class ReplayFeed(_Feed):
     def health_check(self) -> dict[str, Any]:
         if self.error is not None:
             return {"state": "unhealthy", "error_message": f"replay failed: {self.error}"}
+        paused = self._paused_health()
+        if paused is not None:
+            return paused
         notes = []
         if self.report.rows_skipped:
             rows = ", ".join(f"row {p.row}: {p.reason}" for p in self.report.problems[:5])
@@ -514,7 +546,7 @@ class LiveFeed(_Feed):
             self.bars_since_gap[symbol] = 0
             self.m.gaps.labels(symbol).inc()
             log.error("gap in %s bars from %s: %s", self.exchange, symbol, gap.describe())
-            await self.bus.publish(
+            await self._send(
                 Event(
                     event_type=EventType.ERROR,
                     data={
@@ -543,6 +575,9 @@ class LiveFeed(_Feed):
     def health_check(self) -> dict[str, Any]:
         if self.error is not None:
             return {"state": "unhealthy", "error_message": f"live feed failed: {self.error}"}
+        paused = self._paused_health()
+        if paused is not None:
+            return paused
         if not self.connected:
             message = self.last_error or "not connected yet"
             return {"state": "degraded", "error_message": f"{self.exchange}: {message}"}
