@@ -235,11 +235,6 @@ def _version() -> str:
     return version("schemathesis")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a DLQ id whose sequence part exceeds 64 bits passes the gateway's check "
-    "and Redis refuses it: 502 instead of 400/404",
-)
 @pytest.mark.timeout(120)
 async def test_gateway_dlq_id_out_of_range_is_a_client_error(
     system: System, report: Report
@@ -264,10 +259,9 @@ async def test_gateway_dlq_id_out_of_range_is_a_client_error(
             "DELETE": (await http.delete(f"/dlq/{bad}", headers=auth)).status_code,
         }
     report.add(
-        "Known bugs",
-        f"- **gateway: out-of-range DLQ ids give 5xx** (found by schemathesis): `/dlq/{bad}` "
-        f"answered {statuses}. Fix: validate both parts of a stream id as unsigned 64-bit "
-        "integers (or catch Redis's 'Invalid stream ID' ResponseError) and answer 400. "
+        "Access",
+        f"- Out-of-range DLQ ids (found by schemathesis as 5xx; fixed: both parts of a stream "
+        f"id must fit 64 bits): `/dlq/{bad}` now answers {statuses}. "
         "(`test_access.py::test_gateway_dlq_id_out_of_range_is_a_client_error`)",
     )
     assert all(400 <= s < 500 for s in statuses.values()), statuses

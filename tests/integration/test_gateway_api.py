@@ -20,6 +20,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import websockets
+from fastapi import HTTPException
 
 from hean.core.bus import EventBus
 from hean.core.event_streams import DLQ_STREAM, dead_letter_fields, stream_key
@@ -537,3 +538,14 @@ def test_gateway_process_port_in_use_exits_with_one_line(subprocess_env):
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_gateway_stream_ids_beyond_64_bits_are_client_errors() -> None:
+    from hean.gateway.app import _check_range_id, _dlq_id
+
+    with pytest.raises(ValueError, match="2\\*\\*64"):
+        _dlq_id("1-18446744073709551616")
+    assert _dlq_id("1-18446744073709551615") == "1-18446744073709551615"
+    with pytest.raises(HTTPException) as info:
+        _check_range_id("99999999999999999999999-0", "-", "start")
+    assert info.value.status_code == 400

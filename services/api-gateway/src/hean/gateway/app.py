@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket
 from fastapi.responses import Response
 from prometheus_client import Counter
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -143,9 +143,23 @@ def _parse_type(name: str) -> EventType:
         raise HTTPException(404, f"unknown event type {name!r}; known types: {known}") from None
 
 
+U64_MAX: Final = 2**64 - 1
+
+
+def _fits_redis(stream_id: str) -> bool:
+    """Both parts of a stream id are unsigned 64-bit integers, as Redis requires."""
+    return all(int(part) <= U64_MAX for part in stream_id.split("-"))
+
+
+def _dlq_id(value: str) -> str:
+    if not _fits_redis(value):
+        raise ValueError("both parts of a stream id must be below 2**64")
+    return value
+
+
 def _check_range_id(value: str, open_end: str, what: str) -> str:
     bare = value[1:] if value.startswith("(") else value
-    if value == open_end or STREAM_ID.match(bare):
+    if value == open_end or (STREAM_ID.match(bare) and _fits_redis(bare)):
         return value
     raise HTTPException(
         400,
@@ -434,7 +448,11 @@ def create_app(deps: GatewayDeps) -> FastAPI:
     # --- dead letters -------------------------------------------------------------------------
 
     stream = RedisEventStream("redis://unused", client=client)
-    DlqId = Annotated[str, Path(pattern=DLQ_ID_PATTERN, description="dead-letter entry id")]  # noqa: N806
+    DlqId = Annotated[  # noqa: N806
+        str,
+        Path(pattern=DLQ_ID_PATTERN, description="dead-letter entry id"),
+        AfterValidator(_dlq_id),
+    ]
 
     @app.get("/dlq", tags=["dead letters"], dependencies=read, summary="Dead-letter entries")
     async def dlq(count: Count = 100) -> dict[str, Any]:
