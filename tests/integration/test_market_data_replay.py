@@ -118,6 +118,29 @@ async def test_replay_loop_keeps_time_moving_forward(
     assert await redis_client.xlen("hean:events:TICK") == 0
 
 
+async def test_replay_restarted_continues_after_bars_already_published(
+    redis_url: str, redis_client: aioredis.Redis, data_file: Path
+) -> None:
+    settings = _settings(redis_url, data_file, SYMBOLS="BTC/USDT", REPLAY_TICKS=False)
+    # The first run publishes the first two valid bars, as if killed there.
+    async with running("market-data", build, settings.model_copy(update={"replay_max_bars": 2})):
+        await eventually(
+            lambda: _stream_len(redis_client, "hean:events:CANDLE", 2), message="2 bars"
+        )
+    # The restarted run continues after them, instead of republishing the file's start.
+    async with running("market-data", build, settings):
+        await eventually(
+            lambda: _stream_len(redis_client, "hean:events:CANDLE", 3), message="resumed"
+        )
+    times = [c.data["timestamp"] for c in await read(redis_url, EventType.CANDLE)]
+    assert len(times) == len(set(times)) == 3
+    assert all(b > a for a, b in itertools.pairwise(times))
+
+
+async def _stream_len(client: aioredis.Redis, key: str, expected: int) -> bool:
+    return int(await client.xlen(key)) == expected
+
+
 @pytest.mark.parametrize(
     ("env", "variable"),
     [

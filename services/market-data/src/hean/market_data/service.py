@@ -36,12 +36,12 @@ from hean.core.candles import (
     validate_candle_rows,
 )
 from hean.core.errors import QueueFullError
-from hean.core.event_streams import as_str, stream_key
+from hean.core.event_streams import as_str, decode_entry, stream_key
 from hean.core.features import WARMUP_BARS
 from hean.core.metrics import Metrics
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, ExchangeSettings
-from hean.core.types import Event, EventType
+from hean.core.types import Event, EventType, InvalidEventError
 from hean.market_data.core import (
     BarTracker,
     Gap,
@@ -271,6 +271,29 @@ def redis_lag_probe(client: aioredis.Redis) -> LagProbe:
     return lag
 
 
+ResumeProbe = Callable[[], Awaitable[dict[str, int]]]
+
+
+def redis_resume_probe(client: aioredis.Redis, count: int = 2000) -> ResumeProbe:
+    """The newest CANDLE time per symbol already in Redis (from the stream's tail)."""
+
+    async def newest() -> dict[str, int]:
+        key = stream_key(EventType.CANDLE)
+        entries: Any = await client.xrevrange(key, count=count)
+        found: dict[str, int] = {}
+        for _entry_id, fields in entries:
+            try:
+                event = decode_entry(key, fields)
+            except InvalidEventError:
+                continue
+            symbol, timestamp = str(event.data["symbol"]), event.data.get("timestamp")
+            if timestamp is not None and symbol not in found:
+                found[symbol] = int(timestamp)
+        return found
+
+    return newest
+
+
 class ReplayFeed(_Feed):
     """Publishes a candle file as TICKs and CANDLEs (see the module docstring)."""
 
@@ -289,10 +312,13 @@ class ReplayFeed(_Feed):
         max_outbox: int = 2000,
         max_lag: int = 0,
         lag_probe: LagProbe | None = None,
+        resume_probe: ResumeProbe | None = None,
         metrics: Metrics | None = None,
         source: str = "",
     ) -> None:
         super().__init__(bus, metrics)
+        self.resume_probe = resume_probe
+        self.skipped_on_resume = 0
         candles = load.candles[:max_bars] if max_bars else load.candles
         if not candles:
             raise ValueError(f"no valid candles to replay in {source or 'the file'}")
@@ -318,14 +344,27 @@ class ReplayFeed(_Feed):
         clock = asyncio.get_running_loop().time
         started = clock()
         n = 0
+        warmup = self.warmup_bars
+        # A restart continues after the newest bar already published (market time never
+        # goes back: consumers would drop older bars as stale), with no new warm-up burst.
+        newest = await self.resume_probe() if self.resume_probe is not None else {}
+        resume_after = min((newest.get(s, -1) for s in self.symbols), default=-1)
+        if resume_after >= 0:
+            warmup = 0
+            log.info("resuming the replay after the bars already in Redis (up to %d)", resume_after)
         while not self._stop.is_set():
             shift = replay_shift_ns(first, last, self.bar_ns, self.loops_done)
             for base in self.candles:
-                if n == self.warmup_bars:
+                if resume_after >= 0:
+                    if base.timestamp_ns + shift <= resume_after:
+                        self.skipped_on_resume += 1
+                        continue
+                    resume_after = -1
+                if n == warmup:
                     # The warm-up bars went out as fast as consumers took them; pace the
                     # rest from now.
                     started = clock()
-                due = started + replay_offset_s(n, self.bar_ns, self.speed, self.warmup_bars)
+                due = started + replay_offset_s(n, self.bar_ns, self.speed, warmup)
                 await _wait(self._stop, due - clock())
                 if self._stop.is_set():
                     return
@@ -637,6 +676,7 @@ def build(ctx: ServiceContext) -> None:
             max_outbox=settings.replay_max_outbox,
             max_lag=settings.replay_max_lag,
             lag_probe=redis_lag_probe(ctx.redis),
+            resume_probe=redis_resume_probe(ctx.redis),
             metrics=ctx.metrics,
             source=str(path),
         )
