@@ -204,8 +204,8 @@ async def test_soak_memory_flat_streams_bounded_no_backlog(
         f"after the warm-up ({'long' if LONG else 'CI'} variant; `HEAN_CHAOS_LONG=1`: 600 s). "
         f"{ticks_total} TICKs published in all, {soak_ticks} during the soak "
         f"({soak_ticks / soak_s:.0f}/s), {len(run.approved)} orders, "
-        f"{len(run.fill_ids)} fills; the gateway's /health answered {gateway_codes} (status: count) to one request per "
-        f"sample.",
+        f"{len(run.fill_ids)} fills; the gateway's /health answered {gateway_codes} "
+        "(status: count) to one request per sample.",
     )
     report.add("Soak", "")
     report.add("Soak", "RSS (MB) of each service process, sampled every 2 s:")
