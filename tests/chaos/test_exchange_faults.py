@@ -413,8 +413,9 @@ async def test_outage_fill_polling_goes_through_the_breaker(rig: Rig, report: Re
         "`test_exchange_faults.py`): `ExecutionService._market` calls "
         "`exchange.poll_fills` directly; while the venue is down every TICK/CANDLE handler "
         f"spends the adapter's retries and fails ({polls} execution/list calls for {sent} "
-        "ticks in 3 s, the breaker still closed), the ticks are retried and finally "
-        "dead-lettered, and approvals for that symbol wait behind them on the same worker. "
+        "ticks in 3 s, the breaker still closed), the ticks are retried and dead-lettered "
+        "after `EVENT_MAX_DELIVERIES`, and approvals for that symbol wait behind them on "
+        "the same worker. "
         "The adapter's `_open` set is never cleared on a fill either, so every symbol ever "
         "traded is polled on every tick for the life of the process. Fix: poll through "
         "`self.breaker.call`, catch `TransientError`/`CircuitBreakerOpenError` in "
@@ -432,7 +433,9 @@ async def test_outage_fill_polling_goes_through_the_breaker(rig: Rig, report: Re
     reason="bug: an approval that meets an outage longer than the bus's retry budget is "
     "dead-lettered with no ORDER_REJECTED/ORDER_CANCELLED",
 )
-@pytest.mark.parametrize("rig", [{"EVENT_MAX_DELIVERIES": "3"}], indirect=True)
+@pytest.mark.parametrize(
+    "rig", [{"EVENT_MAX_DELIVERIES": "3"}], indirect=True, ids=["max-deliveries-3"]
+)
 @pytest.mark.timeout(120)
 async def test_approval_outliving_the_retry_budget_is_reported(rig: Rig, report: Report) -> None:
     rig.fake.outage = True
