@@ -486,3 +486,30 @@ async def test_bus_consumer_restarted_under_same_name_handles_own_pending_first(
     await eventually(lambda: len(seen) == 6, message="every tick")
     assert seen == list(range(6))
     await eventually(lambda: _group_pending_in(redis_client, "auditor", 0), message="acked")
+
+
+async def test_bus_oversized_events_refused_at_publish_and_dead_lettered_truncated(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    from hean.core.event_streams import MAX_DEAD_PAYLOAD_BYTES, MAX_EVENT_BYTES
+    from hean.core.types import InvalidEventError
+
+    seen: list[int] = []
+    bus = make_bus(redis_url, "features")
+    bus.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+    await bus.start()
+    buses.append(bus)
+    huge = Event(
+        event_type=EventType.TICK,
+        data={"symbol": "BTC/USDT", "price": 1, "blob": "x" * MAX_EVENT_BYTES},
+    )
+    with pytest.raises(InvalidEventError, match="limit"):
+        await bus.publish(huge)
+    await redis_client.xadd(TICKS, {"event": huge.to_json()})
+    await bus.publish(tick(1))
+    await eventually(lambda: seen == [1], message="the tick after the huge entry")
+    await eventually(lambda: _stream_len(redis_client, DLQ_STREAM, 1), message="dead letter")
+    async with RedisEventStream(redis_url) as stream:
+        [letter] = await stream.dead_letters()
+    assert "limit" in letter.error
+    assert len(letter.payload) == MAX_DEAD_PAYLOAD_BYTES

@@ -45,7 +45,9 @@ from hean.core.errors import PermanentError, QueueFullError
 from hean.core.event_streams import (
     DLQ_STREAM,
     EVENT_FIELD,
+    MAX_DEAD_PAYLOAD_BYTES,
     as_str,
+    check_size,
     dead_letter_fields,
     decode_entry,
     ensure_group,
@@ -620,10 +622,12 @@ class RedisStreamsTransport(Transport):
             future = asyncio.get_running_loop().create_future()
             delivery.outputs.append(future)
         event_type = event.event_type
+        encoded = event.to_json()
+        check_size(encoded)
         self._outbox.append(
             _Outgoing(
                 stream_key(event_type),
-                event.to_json(),
+                encoded,
                 stream_maxlen(event_type, self.config.stream_maxlen),
                 event_type.value,
                 future,
@@ -772,7 +776,7 @@ class RedisStreamsTransport(Transport):
         try:
             event = decode_entry(stream, fields)
         except InvalidEventError as exc:
-            payload = raw or repr(fields).encode()
+            payload = (raw or repr(fields).encode())[:MAX_DEAD_PAYLOAD_BYTES]
             await self._dead_letter(stream, entry_id, payload, deliveries, f"malformed: {exc}")
             return
         if not self.dispatcher.has(event.event_type):

@@ -24,6 +24,11 @@ STREAM_PREFIX: Final = "hean:events:"
 DLQ_STREAM: Final = "hean:dlq"
 HEALTH_KEY_PREFIX: Final = "hean:health:"
 EVENT_FIELD: Final = b"event"
+#: The largest event accepted, encoded. A real event is a few hundred bytes; anything near
+#: this is a bug or hostile, and would cost every consumer of the stream to parse.
+MAX_EVENT_BYTES: Final = 1 << 20
+#: How much of a malformed entry is kept in its dead letter (enough to see what it was).
+MAX_DEAD_PAYLOAD_BYTES: Final = 64 << 10
 
 
 def stream_key(event_type: EventType) -> str:
@@ -55,6 +60,7 @@ def decode_entry(stream: str | bytes, fields: Mapping[bytes, bytes] | None) -> E
     if raw is None:
         names = sorted(k.decode(errors="replace") for k in fields)
         raise InvalidEventError(f"entry has no 'event' field (fields: {names})")
+    check_size(raw)
     event = Event.from_json(raw)
     expected = event_type_of_stream(stream)
     if expected is not None and event.event_type is not expected:
@@ -70,6 +76,13 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]
 def entries_of(response: Any) -> Entries:
     """redis-py's loosely typed XRANGE/XCLAIM answer, as what it is with bytes responses."""
     return list(response or [])
+
+
+def check_size(encoded: bytes) -> None:
+    if len(encoded) > MAX_EVENT_BYTES:
+        raise InvalidEventError(
+            f"event is {len(encoded):,} bytes, above the {MAX_EVENT_BYTES:,}-byte limit"
+        )
 
 
 def as_str(value: bytes | str | int) -> str:
