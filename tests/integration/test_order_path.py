@@ -16,7 +16,7 @@ from hean.core.event_streams import RedisEventStream, stream_key
 from hean.core.settings import CoreSettings
 from hean.core.types import Event, EventType
 from hean.execution.exchange import MarketRules
-from hean.execution.ledger import OPEN_ORDERS_KEY, RedisLedger
+from hean.execution.ledger import OPEN_ORDERS_KEY, MemoryLedger, RedisLedger
 from hean.execution.paper import PaperConfig, PaperExchange
 from hean.execution.service import ExecutionService
 from hean.portfolio.core import Portfolio
@@ -315,3 +315,17 @@ async def test_order_path_stale_reset_command_ignored_fresh_trigger_applied(
 async def _commands_acked(client: aioredis.Redis) -> bool:
     groups = await client.xinfo_groups(COMMAND_STREAM)
     return all(int(g["pending"]) == 0 and int(g["lag"] or 0) == 0 for g in groups)
+
+
+async def test_order_path_ledger_claim_repeated_by_its_claimer_only_while_working(
+    redis_url, redis_client
+):
+    # A claim whose reply was lost (Redis restarting) is retried by the same process: it
+    # must succeed again, or the approved order is never placed; nobody else may take it.
+    for ledger in (RedisLedger(redis_client), MemoryLedger()):
+        assert await ledger.claim("o-lost", "BTC/USDT", "1", "proc-a")
+        assert await ledger.claim("o-lost", "BTC/USDT", "1", "proc-a")
+        assert not await ledger.claim("o-lost", "BTC/USDT", "1", "proc-b")
+        assert not await ledger.claim("o-lost", "BTC/USDT", "1")
+        await ledger.finish("o-lost", "filled", "1")
+        assert not await ledger.claim("o-lost", "BTC/USDT", "1", "proc-a")

@@ -16,11 +16,20 @@ from hean.core.event_streams import as_str
 ORDER_KEY_PREFIX = "hean:execution:order:"
 OPEN_ORDERS_KEY = "hean:execution:open"
 
+# A claim succeeds once per order, ever; and again for the same claimer while the order is
+# still working, because a claim whose reply was lost (Redis restarting) must not leave the
+# order approved and never placed. The caller keeps what it placed in memory, so a repeat
+# claim never places twice.
 _CLAIM = """
-if redis.call('HSETNX', KEYS[1], 'status', 'working') == 1 then
-  redis.call('HSET', KEYS[1], 'symbol', ARGV[2], 'size', ARGV[3], 'filled', '0')
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'status', 'working', 'symbol', ARGV[2], 'size', ARGV[3],
+             'filled', '0', 'claimer', ARGV[5])
   redis.call('EXPIRE', KEYS[1], ARGV[1])
   redis.call('SADD', KEYS[2], ARGV[4])
+  return 1
+end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'claimer') == ARGV[5]
+   and redis.call('HGET', KEYS[1], 'status') == 'working' then
   return 1
 end
 return 0
@@ -34,7 +43,7 @@ return 1
 
 
 class OrderLedger(Protocol):
-    async def claim(self, order_id: str, symbol: str, size: str) -> bool: ...
+    async def claim(self, order_id: str, symbol: str, size: str, claimer: str = "") -> bool: ...
 
     async def release(self, order_id: str) -> None: ...
 
@@ -52,10 +61,17 @@ class MemoryLedger:
         self.orders: dict[str, dict[str, str]] = {}
         self.open: set[str] = set()
 
-    async def claim(self, order_id: str, symbol: str, size: str) -> bool:
-        if order_id in self.orders:
-            return False
-        self.orders[order_id] = {"status": "working", "symbol": symbol, "size": size, "filled": "0"}
+    async def claim(self, order_id: str, symbol: str, size: str, claimer: str = "") -> bool:
+        known = self.orders.get(order_id)
+        if known is not None:
+            return bool(claimer) and known == {**known, "claimer": claimer, "status": "working"}
+        self.orders[order_id] = {
+            "status": "working",
+            "symbol": symbol,
+            "size": size,
+            "filled": "0",
+            "claimer": claimer,
+        }
         self.open.add(order_id)
         return True
 
@@ -85,9 +101,10 @@ class RedisLedger:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
 
-    async def claim(self, order_id: str, symbol: str, size: str) -> bool:
+    async def claim(self, order_id: str, symbol: str, size: str, claimer: str = "") -> bool:
         keys = [ORDER_KEY_PREFIX + order_id, OPEN_ORDERS_KEY]
-        return bool(await self._claim(keys=keys, args=[self.ttl_s, symbol, size, order_id]))
+        args: list[str | int] = [self.ttl_s, symbol, size, order_id, claimer]
+        return bool(await self._claim(keys=keys, args=args))
 
     async def release(self, order_id: str) -> None:
         async with self.client.pipeline(transaction=True) as pipe:

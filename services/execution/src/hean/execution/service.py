@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections import OrderedDict, deque
 from decimal import Decimal
 from typing import Annotated, Any, Literal, cast
@@ -160,6 +161,8 @@ class ExecutionService:
     ) -> None:
         self.bus = bus
         self.market_history = market_history
+        # This process's claims: a claim retried after its reply was lost is still ours.
+        self.claimer = uuid.uuid4().hex
         self.exchange = exchange
         self.router = router or ExecutionRouter()
         self.ledger: OrderLedger = ledger if ledger is not None else MemoryLedger()
@@ -251,7 +254,10 @@ class ExecutionService:
         data = event.data
         order_id = str(data["order_id"])
         symbol = str(data["symbol"])
-        if not await self.ledger.claim(order_id, symbol, str(data["size"])):
+        if order_id in self.parents:
+            log.info("order %s is being worked here; redelivery ignored", order_id)
+            return
+        if not await self.ledger.claim(order_id, symbol, str(data["size"]), self.claimer):
             log.info("order %s already handled; redelivery ignored", order_id)
             return
         rules = self.exchange.rules(symbol)
