@@ -513,3 +513,29 @@ async def test_bus_oversized_events_refused_at_publish_and_dead_lettered_truncat
         [letter] = await stream.dead_letters()
     assert "limit" in letter.error
     assert len(letter.payload) == MAX_DEAD_PAYLOAD_BYTES
+
+
+async def test_bus_kept_streams_write_an_event_id_once_even_if_sent_again(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    # A flush cut by a dropped connection is sent again: for the streams kept for audit
+    # (orders, fills, P&L) an event id already written is not written a second time.
+    bus = make_bus(redis_url, "execution")
+    await bus.start()
+    buses.append(bus)
+    fill = Event(
+        event_type=EventType.ORDER_FILLED,
+        data={"order_id": "o-1", "fill_price": "100", "filled_qty": "1", "fill_id": "f-1"},
+    )
+    stamped = await bus.publish(fill)
+    await bus.publish(stamped)
+    await bus.flush(10)
+    assert int(await redis_client.xlen(stream_key(EventType.ORDER_FILLED))) == 1
+    transport = bus.transport
+    assert isinstance(transport, RedisStreamsTransport)
+    assert transport.duplicates_suppressed == 1
+    # High-frequency streams are trimmed, not audited: no marker, no extra work.
+    again = await bus.publish(tick(1))
+    await bus.publish(again)
+    await bus.flush(10)
+    assert int(await redis_client.xlen(TICKS)) == 2

@@ -397,12 +397,27 @@ class InMemoryTransport(Transport):
         )
 
 
+#: Writes an event once per event id: a marker set in the same script as the XADD. A flush
+#: interrupted by a dropped connection is sent again, and without this an entry Redis had
+#: already written would appear twice (ADR 0002). Used for the streams kept for audit.
+_PUBLISH_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  return redis.call('XADD', KEYS[1], '*', 'event', ARGV[1])
+end
+return false
+"""
+PUBLISHED_KEY_PREFIX = "hean:published:"
+PUBLISHED_TTL_S = 86_400
+
+
 @dataclass(slots=True)
 class _Outgoing:
     key: str
     payload: bytes
     maxlen: int | None
     event_type: str
+    #: The once-only marker key, for events of the kept (audit) streams; None: plain XADD.
+    marker: str | None
     # Only for events published by a handler: its input is acked once this resolves.
     future: asyncio.Future[str] | None
 
@@ -487,6 +502,7 @@ class RedisStreamsTransport(Transport):
         self._last_error: str | None = None
         self._outbox_rejections = 0
         self.dead_letter_count = 0
+        self.duplicates_suppressed = 0
         self.reclaimed_count = 0
         self.deleted_pending_count = 0
 
@@ -517,6 +533,7 @@ class RedisStreamsTransport(Transport):
         )
         # The blocking reader gets its own connection (a shared pool would let BLOCK starve
         # other commands) and a socket timeout above its BLOCK time.
+        self._publish_once = self._client.register_script(_PUBLISH_ONCE)
         self._reader = aioredis.Redis.from_url(
             self.config.url,
             single_connection_client=True,
@@ -624,12 +641,14 @@ class RedisStreamsTransport(Transport):
         event_type = event.event_type
         encoded = event.to_json()
         check_size(encoded)
+        maxlen = stream_maxlen(event_type, self.config.stream_maxlen)
         self._outbox.append(
             _Outgoing(
                 stream_key(event_type),
                 encoded,
-                stream_maxlen(event_type, self.config.stream_maxlen),
+                maxlen,
                 event_type.value,
+                None if maxlen is not None else PUBLISHED_KEY_PREFIX + event.event_id,
                 future,
             )
         )
@@ -652,7 +671,13 @@ class RedisStreamsTransport(Transport):
                     for item in batch:
                         # XADD spelled out: redis-py's xadd() argument handling costs more
                         # than the command itself at this rate.
-                        if item.maxlen is None:
+                        if item.marker is not None:
+                            await self._publish_once(
+                                keys=[item.key, item.marker],
+                                args=[item.payload, PUBLISHED_TTL_S],
+                                client=pipe,
+                            )
+                        elif item.maxlen is None:
                             pipe.execute_command("XADD", item.key, "*", EVENT_FIELD, item.payload)
                         else:
                             pipe.execute_command(
@@ -677,9 +702,13 @@ class RedisStreamsTransport(Transport):
                     if item.future is not None and not item.future.done():
                         item.future.set_exception(result)
                     continue
-                published[item.event_type] = published.get(item.event_type, 0) + 1
+                if result is None:
+                    # Written by an earlier attempt whose reply was lost: already in Redis.
+                    self.duplicates_suppressed += 1
+                else:
+                    published[item.event_type] = published.get(item.event_type, 0) + 1
                 if item.future is not None and not item.future.done():
-                    item.future.set_result(as_str(result))
+                    item.future.set_result("" if result is None else as_str(result))
             self._wake_flush_waiters()
             if self.metrics is not None:
                 for etype, count in published.items():
