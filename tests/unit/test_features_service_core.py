@@ -147,3 +147,17 @@ async def test_batcher_send_error_raised_in_every_waiting_submitter() -> None:
         return_exceptions=True,
     )
     assert all(isinstance(r, ConnectionError) for r in results)
+
+
+async def test_batcher_symbols_sharing_a_bus_lane_do_not_wait_for_each_other() -> None:
+    # The bus hands one event per worker lane at a time: two symbols on one lane can never
+    # be in a batch together, so each row must go out at once, not after the timeout.
+    sent: list[list[str]] = []
+
+    async def send(items: list) -> None:  # type: ignore[type-arg]
+        sent.append([i.symbol for i in items])
+
+    batcher = EventBatcher(send, size=10, timeout_s=60.0, lane=lambda symbol: 0)
+    for symbol in ("BTC/USDT", "SOL/USDT", "BTC/USDT", "SOL/USDT"):
+        await asyncio.wait_for(batcher.submit(_event(symbol), symbol, {}), 1.0)
+    assert sent == [["BTC/USDT"], ["SOL/USDT"], ["BTC/USDT"], ["SOL/USDT"]]

@@ -120,6 +120,12 @@ def partition_key(event: Event) -> str:
     return event.event_type.value
 
 
+def worker_lane(key: str, workers: int) -> int:
+    """The worker that handles events of partition key `key`: events of one lane are handled
+    one at a time, in order."""
+    return zlib.crc32(key.encode()) % workers
+
+
 def _handler_name(handler: Handler) -> str:
     owner = getattr(handler, "__self__", None)
     qual = getattr(handler, "__qualname__", None) or repr(handler)
@@ -281,7 +287,7 @@ class _Workers:
             ]
 
     def put(self, delivery: Delivery) -> None:
-        index = zlib.crc32(partition_key(delivery.event).encode()) % len(self.queues)
+        index = worker_lane(partition_key(delivery.event), len(self.queues))
         self.size += 1
         self.idle.clear()
         self.queues[index].put_nowait(delivery)

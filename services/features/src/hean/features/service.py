@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 import orjson
@@ -28,7 +29,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 from pydantic import Field
 
-from hean.core.bus import EventBus
+from hean.core.bus import EventBus, worker_lane
 from hean.core.candles import Candle
 from hean.core.errors import PermanentError
 from hean.core.event_streams import as_str
@@ -86,10 +87,10 @@ class EventBatcher:
     """Collects items; sends a batch when it is full or its oldest item has waited
     `timeout_s`. `submit` returns once its item's batch is sent (or raises its error).
 
-    Full means `size` items, or one item from every symbol active lately (seen within
-    `active_window_s`), whichever is fewer: a symbol's next row cannot join before its
-    current one is sent (the bus handles one event per symbol at a time), so waiting for
-    more would only add the timeout to every row.
+    Full means `size` items, or one item from every bus worker lane with a symbol active
+    lately (seen within `active_window_s`), whichever is fewer: the bus handles one event
+    per lane at a time (symbols share lanes), so a lane's next row cannot join before its
+    current one is sent, and waiting for more would only add the timeout to every row.
     """
 
     def __init__(
@@ -99,8 +100,10 @@ class EventBatcher:
         size: int,
         timeout_s: float,
         active_window_s: float = 1.0,
+        lane: Callable[[str], int] | None = None,
     ) -> None:
         self.send = send
+        self.lane = lane or (lambda symbol: hash(symbol))
         self.size = size
         self.timeout_s = timeout_s
         self.active_window_s = max(active_window_s, 4 * timeout_s)
@@ -126,7 +129,8 @@ class EventBatcher:
         horizon = now - self.active_window_s
         for symbol in [s for s, t in self._seen.items() if t < horizon]:
             del self._seen[symbol]
-        return max(1, min(self.size, len(self._seen)))
+        lanes = {self.lane(symbol) for symbol in self._seen}
+        return max(1, min(self.size, len(lanes)))
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -155,6 +159,10 @@ class EventBatcher:
                     item.done.set_result(None)
 
 
+def _lane_of(symbol: str, *, workers: int) -> int:
+    return worker_lane(symbol, workers)
+
+
 class FeaturesService:
     """Feeds candles to the `FeatureCore` and publishes FEATURES_READY (module docstring)."""
 
@@ -168,13 +176,17 @@ class FeaturesService:
         batch_timeout_ms: float = 50.0,
         flush_timeout_s: float = 10.0,
         metrics: Metrics | None = None,
+        worker_count: int | None = None,
     ) -> None:
         self.bus = bus
         self.core = core
         self.store = store
         self.metrics = metrics
         self.flush_timeout_s = flush_timeout_s
-        self.batcher = EventBatcher(self._send, size=batch_size, timeout_s=batch_timeout_ms / 1000)
+        lane = None if worker_count is None else partial(_lane_of, workers=worker_count)
+        self.batcher = EventBatcher(
+            self._send, size=batch_size, timeout_s=batch_timeout_ms / 1000, lane=lane
+        )
         registry = metrics.registry if metrics is not None else None
         self.m_published = Counter(
             "hean_features_published_total", "FEATURES_READY published", ["symbol"],
@@ -285,5 +297,6 @@ def build(ctx: ServiceContext) -> None:
         batch_timeout_ms=settings.feature_batch_timeout_ms,
         flush_timeout_s=settings.features_flush_timeout_s,
         metrics=ctx.metrics,
+        worker_count=settings.event_worker_count,
     )
     ctx.orchestrator.register_component(name=COMPONENT, component=service, circuit_breaker=False)
