@@ -136,3 +136,22 @@ async def test_memory_bus_permanent_error_dead_lettered_without_retry() -> None:
     assert attempts == [3]
     assert transport.dead_letter_count == 1
     await bus.stop()
+
+
+async def test_memory_bus_handler_told_when_it_runs_on_the_last_delivery() -> None:
+    from hean.core.bus import is_last_attempt
+
+    bus = EventBus(InMemoryTransport(max_deliveries=3, retry_delay=0.001))
+    seen: list[bool] = []
+
+    def handler(event: Event) -> None:
+        seen.append(is_last_attempt())
+        if not is_last_attempt():
+            raise RuntimeError("venue down")
+
+    bus.subscribe(EventType.TICK, handler)
+    await bus.publish(tick(1))
+    await bus.flush(5)
+    assert seen == [False, False, True]
+    assert not is_last_attempt()  # outside a handler
+    await bus.stop()

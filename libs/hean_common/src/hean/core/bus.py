@@ -103,6 +103,19 @@ class Delivery:
     done: set[str] = field(default_factory=set)
     outputs: list[asyncio.Future[str]] = field(default_factory=list)
     last_error: str | None = None
+    max_deliveries: int = 0  # 0: unknown
+
+
+def is_last_attempt() -> bool:
+    """True inside a handler running on the event's last delivery before it would be
+    dead-lettered: the handler's chance to turn a failure into a visible outcome (an order
+    rejected with a reason) instead of a dead letter."""
+    delivery = _current_delivery.get()
+    return (
+        delivery is not None
+        and delivery.max_deliveries > 0
+        and delivery.deliveries >= delivery.max_deliveries
+    )
 
 
 _current_delivery: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
@@ -360,7 +373,7 @@ class InMemoryTransport(Transport):
             raise QueueFullError("the in-memory event queue", self.max_queue_size)
         if not self._started:
             await self.start()
-        self._workers.put(Delivery(event=event))
+        self._workers.put(Delivery(event=event, max_deliveries=self.max_deliveries))
 
     async def _handle(self, delivery: Delivery) -> None:
         while True:
@@ -819,7 +832,14 @@ class RedisStreamsTransport(Transport):
             return
         self._in_flight.add((stream, entry_id))
         self._workers.put(
-            Delivery(event=event, stream=stream, entry_id=entry_id, raw=raw, deliveries=deliveries)
+            Delivery(
+                event=event,
+                stream=stream,
+                entry_id=entry_id,
+                raw=raw,
+                deliveries=deliveries,
+                max_deliveries=self.config.max_deliveries,
+            )
         )
         self._report_sizes()
 

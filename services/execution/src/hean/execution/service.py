@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections import OrderedDict, deque
 from decimal import Decimal
@@ -22,7 +23,7 @@ import ccxt  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 from pydantic import Field, field_validator, model_validator
 
-from hean.core.bus import EventBus
+from hean.core.bus import EventBus, is_last_attempt
 from hean.core.circuit_breaker import CircuitBreaker, CircuitBreakerOpenError
 from hean.core.errors import TransientError
 from hean.core.event_streams import decode_entry, stream_key
@@ -158,9 +159,12 @@ class ExecutionService:
         breaker: CircuitBreaker | None = None,
         candle_history: int = 50,
         market_history: aioredis.Redis | None = None,
+        poll_interval_s: float = 0.0,
     ) -> None:
         self.bus = bus
         self.market_history = market_history
+        self.poll_interval_s = poll_interval_s
+        self._last_poll = float("-inf")
         # This process's claims: a claim retried after its reply was lost is still ours.
         self.claimer = uuid.uuid4().hex
         self.exchange = exchange
@@ -292,7 +296,7 @@ class ExecutionService:
     async def _market(self, symbol: str, price: Decimal, data: Any, event: Event) -> None:
         volume = Decimal(data.get("volume") or 0)
         fills = await self.exchange.on_market_data(symbol, price, volume, event.timestamp)
-        fills += await self.exchange.poll_fills(event.timestamp)
+        fills += await self._poll_fills(event.timestamp)
         for fill in fills:
             await self._on_exchange_fill(fill)
         for parent in [p for p in self.parents.values() if p.symbol == symbol]:
@@ -317,6 +321,22 @@ class ExecutionService:
                     log.error("kill switch: cancel of %s failed: %s", client_id, exc)
             await self._cancelled(parent, reason)
 
+    async def _poll_fills(self, now_ns: int) -> list[ExchangeFill]:
+        """The venue's fills of resting orders, through the breaker and at most every
+        `poll_interval_s`. A venue outage must not fail market-data handling (ticks would
+        pile up for retry behind the orders of their symbol): it is counted and logged, and
+        the next poll catches up."""
+        now = time.monotonic()
+        if now - self._last_poll < self.poll_interval_s:
+            return []
+        self._last_poll = now
+        try:
+            return await self.breaker.call(self.exchange.poll_fills, now_ns)
+        except (TransientError, CircuitBreakerOpenError) as exc:
+            self._count_api_error(exc)
+            log.warning("polling %s for fills failed: %s", self.exchange.name, exc)
+            return []
+
     # --- working an order --------------------------------------------------------------------
 
     async def _work(self, parent: ParentOrder, now_ns: int) -> None:
@@ -338,6 +358,18 @@ class ExecutionService:
             except (TransientError, CircuitBreakerOpenError) as exc:
                 parent.unsend(child)
                 self._count_api_error(exc)
+                if is_last_attempt():
+                    # This approval's retries are used up (the venue stayed down): give the
+                    # order a visible end, so risk frees its reservation, rather than a dead
+                    # letter or an order that fills minutes later at another price.
+                    reason = f"exchange unavailable: {exc}"
+                    if parent.filled_qty == 0 and parent.children_sent == 0:
+                        parent.status = ParentStatus.REJECTED
+                        await self._reject(parent.order_id, parent.symbol, reason)
+                    else:
+                        parent.cancel()
+                        await self._cancelled(parent, reason)
+                    return
                 raise TransientError(str(exc)) from exc
             self._child_parent[child.client_order_id] = parent.order_id
             await self._placed(parent, child, result.exchange_order_id)
@@ -468,11 +500,12 @@ def build(ctx: ServiceContext) -> None:
         ledger=RedisLedger(ctx.redis),
         metrics=ctx.metrics,
         market_history=ctx.redis,
-        breaker=CircuitBreaker(
-            settings.exchange,
-            failure_threshold=settings.cb_failure_threshold,
-            recovery_timeout=settings.cb_recovery_timeout_s,
-            success_threshold=settings.cb_success_threshold,
-        ),
+        # A live venue is polled for fills at most 4 times a second, not on every tick.
+        poll_interval_s=0.0 if settings.exchange == "paper" else 0.25,
     )
+    # The exchange calls go through the orchestrator's breaker for this component (CB_*
+    # settings), so /health shows the breaker that really guards the venue.
     ctx.orchestrator.register_component(name="execution", component=service)
+    breaker = ctx.orchestrator.circuit_breaker("execution")
+    assert breaker is not None
+    service.breaker = breaker
