@@ -199,8 +199,8 @@ async def test_kill_each_service_in_turn_matches_reference_run(
     )
     report.add(
         "Process kills",
-        f"Fault run ({BARS_PER_S} bars/s after the warm-up; ml-service x1; the three-replica kill "
-        "is not built yet): each service "
+        f"Fault run ({BARS_PER_S} bars/s after the warm-up; ml-service x1; killing one of three "
+        "replicas is `test_replica_kill.py`): each service "
         "SIGKILLed in turn and restarted as a new instance. Recovery = kill to the new "
         "instance's health snapshot saying `healthy` (includes the process start).",
     )
