@@ -10,6 +10,8 @@ end nothing is pending in the group and nothing was dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -102,10 +104,18 @@ async def test_kill_one_of_three_ml_replicas_others_take_over(
         # Kill mid-run, at a moment the victim holds entries (pending = read, not acked).
         await asyncio.sleep(KILL_AFTER_S)
 
-        async def holds_work() -> bool:
-            return await _consumer_pending(client, consumer) > 0 or publisher.done()
+        # Freeze it (SIGSTOP) and look: if it holds nothing at that instant, let it run a
+        # little and try again. A frozen process cannot ack, so what it holds is certain.
+        async def frozen_holding_work() -> bool:
+            os.kill(victim.popen.pid, signal.SIGSTOP)
+            if await _consumer_pending(client, consumer) > 0 or publisher.done():
+                return True
+            os.kill(victim.popen.pid, signal.SIGCONT)
+            return False
 
-        await wait_for(holds_work, timeout=30, message="victim holding entries", system=system)
+        await wait_for(
+            frozen_holding_work, timeout=30, message="victim holding entries", system=system
+        )
         system.kill(victim)
         killed_at = time.monotonic()
         kill_offset = killed_at - started
