@@ -116,13 +116,15 @@ async def test_kill_one_of_three_ml_replicas_others_take_over(
         await wait_for(
             frozen_holding_work, timeout=30, message="victim holding entries", system=system
         )
-        system.kill(victim)
-        killed_at = time.monotonic()
-        kill_offset = killed_at - started
+        # What it holds, read while it is frozen (after the kill the others may start
+        # claiming it), then the kill.
         stranded_info: Any = await client.xpending_range(
             stream_key(EventType.FEATURES_READY), GROUP, "-", "+", 10_000, consumername=consumer
         )
         stranded = [p["message_id"] for p in stranded_info]
+        system.kill(victim)
+        killed_at = time.monotonic()
+        kill_offset = killed_at - started
         published_at_kill = int(await client.xlen(stream_key(EventType.FEATURES_READY)))
 
         # Recovery: the dead consumer's entries are all claimed and acked by the others.
