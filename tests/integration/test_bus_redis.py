@@ -539,3 +539,25 @@ async def test_bus_kept_streams_write_an_event_id_once_even_if_sent_again(
     await bus.publish(again)
     await bus.flush(10)
     assert int(await redis_client.xlen(TICKS)) == 2
+
+
+async def test_bus_started_while_redis_down_creates_topology_before_first_event(
+    redis_factory: Callable[..., RedisServer], buses: list[EventBus]
+) -> None:
+    server = redis_factory()
+    server.stop()
+    publisher = make_bus(server.url, "market-data", reconnect_max_s=0.2)
+    await publisher.start()  # Redis down: degraded, no groups yet
+    buses.append(publisher)
+    candle = Event(
+        event_type=EventType.CANDLE,
+        data={"symbol": "BTC/USDT", "open": 1, "high": 2, "low": 1, "close": 2, "volume": 1},
+    )
+    await publisher.publish(candle)
+    server.start()
+    await publisher.flush(30)
+    client = server.sync_client()
+    groups = {g["name"].decode(): g for g in client.xinfo_groups(stream_key(EventType.CANDLE))}
+    client.close()
+    # The features group existed before the candle was written: it will be delivered.
+    assert groups["features"]["lag"] == 1

@@ -516,6 +516,7 @@ class RedisStreamsTransport(Transport):
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._running = False
         self._recovered_at_start = False
+        self._topology_ready = False
         self._stopping = asyncio.Event()
         self._connected = False
         self._last_error: str | None = None
@@ -560,12 +561,13 @@ class RedisStreamsTransport(Transport):
             socket_connect_timeout=5.0,
         )
         self._running = True
+        self._recovered_at_start = False
+        self._topology_ready = not self.config.ensure_topology
         self._stopping.clear()
         try:
             await self._client.ping()
             self._set_connected(True)
-            if self.config.ensure_topology:
-                await ensure_topology(self._client)
+            await self._ensure_topology()
             await self._ensure_groups()
         except _REDIS_DOWN as exc:
             self._set_connected(False, exc)
@@ -633,6 +635,11 @@ class RedisStreamsTransport(Transport):
         if self.metrics is not None:
             self.metrics.redis_connected.set(1 if connected else 0)
 
+    async def _ensure_topology(self) -> None:
+        if not self._topology_ready:
+            await ensure_topology(self.client)
+            self._topology_ready = True
+
     async def _ensure_groups(self, start_id: str | None = None) -> None:
         for event_type in self.dispatcher.event_types:
             key = stream_key(event_type)
@@ -686,6 +693,8 @@ class RedisStreamsTransport(Transport):
                 continue
             batch = [self._outbox[i] for i in range(min(500, len(self._outbox)))]
             try:
+                # Redis may have been down at start: the groups come before our first event.
+                await self._ensure_topology()
                 async with self.client.pipeline(transaction=False) as pipe:
                     for item in batch:
                         # XADD spelled out: redis-py's xadd() argument handling costs more
