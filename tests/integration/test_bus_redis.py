@@ -436,21 +436,28 @@ async def test_bus_reports_group_lag_and_pending_as_metrics(
     await eventually(lambda: gauge("hean_eventbus_pending") == 0, timeout=20, message="drained")
 
 
-async def test_bus_exclusive_consumer_at_start_handles_predecessor_pending_before_new(
-    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+async def _strand(
+    redis_url: str, client: aioredis.Redis, buses: list[EventBus], consumer: str, n: int
 ) -> None:
+    """Ticks 0..n-1 read by `consumer` of group "auditor", which dies before acking them;
+    then ticks n..2n-1 arrive while nobody runs."""
     publisher = make_bus(redis_url, "market-data")
     await publisher.start()
     buses.append(publisher)
-    for i in range(5):
+    for i in range(n):
         await publisher.publish(tick(i))
     await publisher.flush(10)
-    # A predecessor read 0..4 and died before acking; 5..9 arrive while nobody runs.
-    await redis_client.xgroup_create(TICKS, "auditor", id="0")
-    await redis_client.xreadgroup("auditor", "auditor:old-pid", {TICKS: ">"}, count=5)
-    for i in range(5, 10):
+    await client.xgroup_create(TICKS, "auditor", id="0")
+    await client.xreadgroup("auditor", consumer, {TICKS: ">"}, count=n)
+    for i in range(n, 2 * n):
         await publisher.publish(tick(i))
     await publisher.flush(10)
+
+
+async def test_bus_exclusive_consumer_at_start_handles_predecessor_pending_before_new(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    await _strand(redis_url, redis_client, buses, "auditor:old-pid", 5)
 
     seen: list[int] = []
     successor = make_bus(
@@ -466,17 +473,7 @@ async def test_bus_exclusive_consumer_at_start_handles_predecessor_pending_befor
 async def test_bus_consumer_restarted_under_same_name_handles_own_pending_first(
     redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
 ) -> None:
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
-    for i in range(3):
-        await publisher.publish(tick(i))
-    await publisher.flush(10)
-    await redis_client.xgroup_create(TICKS, "auditor", id="0")
-    await redis_client.xreadgroup("auditor", "auditor:replica-1", {TICKS: ">"}, count=3)
-    for i in range(3, 6):
-        await publisher.publish(tick(i))
-    await publisher.flush(10)
+    await _strand(redis_url, redis_client, buses, "auditor:replica-1", 3)
 
     seen: list[int] = []
     again = make_bus(redis_url, "auditor", "auditor:replica-1", claim_idle_ms=600_000)

@@ -520,7 +520,6 @@ class RedisStreamsTransport(Transport):
         self._stopping = asyncio.Event()
         self._connected = False
         self._last_error: str | None = None
-        self._outbox_rejections = 0
         self.dead_letter_count = 0
         self.duplicates_suppressed = 0
         self.reclaimed_count = 0
@@ -657,7 +656,6 @@ class RedisStreamsTransport(Transport):
 
     async def publish(self, event: Event) -> None:
         if len(self._outbox) >= self.config.max_queue_size:
-            self._outbox_rejections += 1
             raise QueueFullError("the Redis outbox", self.config.max_queue_size)
         delivery = _current_delivery.get()
         future: asyncio.Future[str] | None = None
