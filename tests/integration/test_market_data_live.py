@@ -1,22 +1,21 @@
 """market-data live mode through ccxt against a local fake Bybit v5 server (aiohttp on
 127.0.0.1, never the internet), on a real Redis.
 
-The fake answers instruments-info and /v5/market/kline from bars the test controls; it can
-answer with HTTP 503 or drop the connection (a disconnect) for the next requests. Time is a
-clock the test moves, so "a bar has closed" is decided deterministically.
+The fake (tests/fakes/bybit_ws.py) answers instruments-info and /v5/market/kline from bars
+the test controls; it can answer with HTTP 503 or drop the connection (a disconnect) for the
+next requests. Time is a clock the test moves, so "a bar has closed" is decided
+deterministically. These tests poll REST (LIVE_TRANSPORT=rest); the websocket transport is
+tested in test_market_data_ws.py.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from hean.core.bus import EventBus
 from hean.core.event_streams import RedisEventStream
@@ -30,93 +29,11 @@ from hean.market_data.service import (
     build,
     make_ccxt_client,
 )
+from tests.fakes.bybit_ws import BAR_MS, T0_MS, FakeBybit, bar_row
 from tests.helpers import eventually
 from tests.integration.signal_path_helpers import FAST, running
 
 SYMBOL = "BTC/USDT:USDT"
-BAR_MS = 60_000
-T0_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
-INSTRUMENT = {
-    "symbol": "BTCUSDT",
-    "contractType": "LinearPerpetual",
-    "status": "Trading",
-    "baseCoin": "BTC",
-    "quoteCoin": "USDT",
-    "settleCoin": "USDT",
-    "launchTime": "1585526400000",
-    "deliveryTime": "0",
-    "priceScale": "2",
-    "leverageFilter": {"minLeverage": "1", "maxLeverage": "100.00", "leverageStep": "0.01"},
-    "priceFilter": {"minPrice": "0.10", "maxPrice": "199999.80", "tickSize": "0.10"},
-    "lotSizeFilter": {
-        "maxOrderQty": "100.000",
-        "minOrderQty": "0.001",
-        "qtyStep": "0.001",
-        "minNotionalValue": "5",
-    },
-}
-
-
-def bar_row(i: int, t0_ms: int = T0_MS) -> list[str]:
-    """Bybit kline row for bar i: [start ms, open, high, low, close, volume, turnover]."""
-    base = 40_000 + (i % 50) * 10
-    return [
-        str(t0_ms + i * BAR_MS),
-        f"{base}",
-        f"{base + 15}",
-        f"{base - 5}",
-        f"{base + 5}",
-        "12.5",
-        "500000",
-    ]
-
-
-@dataclass
-class FakeBybit:
-    bars: dict[int, list[str]] = field(default_factory=dict)  # by bar index
-    fail_next: int = 0
-    drop_next: int = 0
-    kline_requests: int = 0
-    t0_ms: int = T0_MS
-
-    def add(self, *indices: int) -> None:
-        for i in indices:
-            self.bars[i] = bar_row(i, self.t0_ms)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v5/market/instruments-info", self.instruments)
-        app.router.add_get("/v5/market/kline", self.kline)
-        return app
-
-    async def instruments(self, request: web.Request) -> web.Response:
-        listed = [] if request.query.get("status") == "PreLaunch" else [INSTRUMENT]
-        return _reply({"category": "linear", "list": listed, "nextPageCursor": ""})
-
-    async def kline(self, request: web.Request) -> web.StreamResponse:
-        self.kline_requests += 1
-        if self.drop_next > 0:
-            self.drop_next -= 1
-            assert request.transport is not None
-            request.transport.close()  # the connection drops mid-request
-            return web.Response(status=200)
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            return web.Response(status=503, text="Service Unavailable")
-        q = request.query
-        assert q["symbol"] == "BTCUSDT" and q["interval"] == "1" and q["category"] == "linear"
-        start = int(q.get("start", 0))
-        end = int(q.get("end", 2**62))
-        limit = int(q.get("limit", 200))
-        rows = [r for r in self.bars.values() if start <= int(r[0]) <= end]
-        rows.sort(key=lambda r: -int(r[0]))  # Bybit answers newest first
-        return _reply({"category": "linear", "symbol": "BTCUSDT", "list": rows[:limit]})
-
-
-def _reply(result: Any) -> web.Response:
-    return web.json_response(
-        {"retCode": 0, "retMsg": "OK", "result": result, "retExtInfo": {}, "time": T0_MS}
-    )
 
 
 class Clock:
@@ -134,13 +51,8 @@ class Clock:
 @pytest.fixture
 async def venue() -> AsyncIterator[tuple[FakeBybit, str]]:
     fake = FakeBybit()
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield fake, f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with fake.serving() as (api_url, _ws_url):
+        yield fake, api_url
 
 
 class Harness:
@@ -155,6 +67,7 @@ class Harness:
             EXCHANGE="bybit",
             SYMBOLS=SYMBOL,
             LIVE_API_URL=api_url,
+            LIVE_TRANSPORT="rest",
             LIVE_POLL_INTERVAL_S="0.02",
             LIVE_BACKOFF_MAX_S="0.1",
             LIVE_HISTORY_BARS="300",
@@ -311,6 +224,7 @@ async def test_market_data_service_live_mode_publishes_closed_bars_healthy(
         EXCHANGE="bybit",
         SYMBOLS=SYMBOL,
         LIVE_API_URL=api_url,
+        LIVE_TRANSPORT="rest",
         LIVE_HISTORY_BARS=50,
         LIVE_POLL_INTERVAL_S=0.05,
         **FAST,

@@ -8,6 +8,10 @@
   an exchange returned into the bars to publish: closed bars strictly after the last one
   (nothing twice, nothing out of order, whatever a reconnect or an overlapping poll returns),
   plus the gaps between them.
+- `StreamedBars`: what a websocket feed has been pushed for one symbol and not yet
+  published: the latest update of each bar (the forming bar arrives again and again). A
+  bar is closed once a newer bar has been pushed; `missing` names the bars the stream never
+  delivered (a reconnect, a lost message), to be fetched over REST before publishing.
 """
 
 from __future__ import annotations
@@ -164,3 +168,54 @@ class BarTracker:
     @classmethod
     def restore(cls, bar_ns: int, stored: Mapping[str, int]) -> BarTracker:
         return cls(bar_ns, dict(stored))
+
+
+@dataclass
+class StreamedBars:
+    """One symbol's streamed bars not yet published, by bar open time (see the module
+    docstring). Each update replaces the bar's earlier one."""
+
+    bar_ns: int
+    bars: dict[int, Candle] = field(default_factory=dict)
+
+    def update(self, candles: Iterable[Candle]) -> None:
+        """Updates pushed by the exchange: the newest value of each bar wins."""
+        for candle in candles:
+            self.bars[candle.timestamp_ns] = candle
+
+    def fill(self, candles: Iterable[Candle]) -> None:
+        """Closed bars fetched over REST (the exchange's record): they replace what was
+        streamed for the same bar, except the newest streamed bar, which is still forming."""
+        newest = self.newest_ns()
+        for candle in candles:
+            if newest is None or candle.timestamp_ns < newest:
+                self.bars[candle.timestamp_ns] = candle
+
+    def newest_ns(self) -> int | None:
+        """Open time of the newest bar pushed: the forming one; every older bar is closed."""
+        return max(self.bars, default=None)
+
+    def missing(self, last_published_ns: int | None) -> tuple[int, int] | None:
+        """`(from_ns, to_ns)`: the closed bars to fetch over REST before publishing, from
+        the first bar after `last_published_ns` that the stream lacks up to (excluding) the
+        forming bar. None when the stream holds every bar in between (or nothing is closed,
+        or nothing was published yet, so there is nothing to continue from)."""
+        newest = self.newest_ns()
+        if last_published_ns is None or newest is None:
+            return None
+        expected = last_published_ns + self.bar_ns
+        for ts in range(expected, newest, self.bar_ns):
+            if ts not in self.bars:
+                return ts, newest
+        return None
+
+    def candles(self) -> list[Candle]:
+        """The bars held, oldest first (input for `BarTracker.accept` with `now_ns` = the
+        forming bar's open time, so that exactly the bars before it count as closed)."""
+        return [self.bars[ts] for ts in sorted(self.bars)]
+
+    def prune(self, last_published_ns: int | None) -> None:
+        """Forget the bars at or before the last published one."""
+        if last_published_ns is not None:
+            for ts in [t for t in self.bars if t <= last_published_ns]:
+                del self.bars[ts]

@@ -4,11 +4,22 @@ Replay (`MARKET_DATA_MODE=replay`, the default) publishes the bundled BTC 1-minu
 bar by bar, as the TICKs inside each bar and then the bar's CANDLE, for every symbol in
 SYMBOLS, at REPLAY_SPEED times real time (0: as fast as the consumers keep up).
 
-Live (`MARKET_DATA_MODE=live`) polls the exchange's OHLCV endpoint through ccxt (REST; the
-free ccxt has no websocket watch). The last published bar per symbol is kept in Redis, so
-neither a reconnect nor a restart publishes a bar twice or out of order; bars missed while
-disconnected are fetched on reconnect, and bars the exchange itself lacks are reported as a
-gap (health and an ERROR event).
+Live (`MARKET_DATA_MODE=live`) takes the EXCHANGE's bars through ccxt, over one of two
+transports (`LIVE_TRANSPORT`; `auto`, the default, picks the websocket where ccxt.pro offers
+`watchOHLCV` for the exchange, REST otherwise):
+
+- websocket (`WebSocketFeed`): ccxt.pro `watch_ohlcv` per symbol. The forming bar is pushed
+  again and again; its close changes go out as TICKs, and the bar goes out as a CANDLE once
+  a newer bar has been pushed (it is closed then). REST `fetch_ohlcv` still backfills: the
+  history at the first start and the bars closed while disconnected after each
+  (re)connect, and any bar the stream skipped before it is published.
+- REST (`LiveFeed`): polls `fetch_ohlcv` every LIVE_POLL_INTERVAL_S; a bar is closed once
+  the clock has passed its end.
+
+Both reconnect with backoff and keep the last published bar per symbol in Redis, so neither
+a reconnect nor a restart publishes a bar twice or out of order; bars the exchange itself
+lacks are reported as a gap (health and an ERROR event). Health is degraded, with the
+reason, while the exchange is unreachable.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
@@ -45,6 +57,7 @@ from hean.core.types import Event, EventType, InvalidEventError
 from hean.market_data.core import (
     BarTracker,
     Gap,
+    StreamedBars,
     replay_offset_s,
     replay_shift_ns,
     shifted,
@@ -93,6 +106,10 @@ class MarketDataSettings(CoreSettings, ExchangeSettings):
         default="linear", alias="LIVE_MARKET_TYPE"
     )
     live_api_url: str = Field(default="", alias="LIVE_API_URL")
+    live_transport: Literal["auto", "websocket", "rest"] = Field(
+        default="auto", alias="LIVE_TRANSPORT"
+    )
+    live_ws_url: str = Field(default="", alias="LIVE_WS_URL")
 
     @field_validator("symbols_csv")
     @classmethod
@@ -117,6 +134,26 @@ class MarketDataSettings(CoreSettings, ExchangeSettings):
                 )
         return value
 
+    @field_validator("live_transport")
+    @classmethod
+    def _websocket_needs_watch_ohlcv(cls, value: str, info: ValidationInfo) -> str:
+        if value == "websocket" and info.data.get("market_data_mode") == "live":
+            exchange = str(info.data.get("exchange", "")).lower()
+            if not watch_ohlcv_supported(exchange):
+                raise ValueError(
+                    f"websocket needs an exchange whose ccxt.pro class offers watchOHLCV "
+                    f"({exchange!r} does not; use auto or rest)"
+                )
+        return value
+
+    @field_validator("live_ws_url")
+    @classmethod
+    def _ws_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and urlsplit(value).scheme not in ("ws", "wss"):
+            raise ValueError("must be a ws:// or wss:// URL (or empty for the exchange's own)")
+        return value.rstrip("/")
+
     @field_validator("timeframe")
     @classmethod
     def _timeframe(cls, value: str) -> str:
@@ -126,6 +163,27 @@ class MarketDataSettings(CoreSettings, ExchangeSettings):
     @property
     def symbols(self) -> tuple[str, ...]:
         return tuple(self.symbols_csv.split(","))
+
+    @property
+    def live_websocket(self) -> bool:
+        """Whether live mode streams over the websocket (else it polls REST).
+
+        `auto` streams where ccxt.pro offers watchOHLCV, except when only the REST URL is
+        overridden: the websocket would then bypass that proxy (or fake exchange) and reach
+        the real one, so `auto` polls REST instead."""
+        if self.live_transport == "auto":
+            if self.live_api_url and not self.live_ws_url:
+                return False
+            return watch_ohlcv_supported(self.exchange.lower())
+        return self.live_transport == "websocket"
+
+
+def watch_ohlcv_supported(exchange: str) -> bool:
+    """Whether ccxt.pro has `exchange` and its class offers `watchOHLCV`."""
+    import ccxt.pro as ccxt_pro  # type: ignore[import-untyped]
+
+    cls = getattr(ccxt_pro, exchange, None) if exchange in ccxt_pro.exchanges else None
+    return cls is not None and bool(cls().has.get("watchOHLCV"))
 
 
 def candle_data(candle: Candle) -> dict[str, Any]:
@@ -501,6 +559,10 @@ class LiveFeed(_Feed):
         self.last_error: str | None = None
         self._last_tick: dict[str, Decimal] = {}
 
+    @property
+    def transport(self) -> str:
+        return "REST"
+
     async def start(self) -> None:
         self.tracker = BarTracker.restore(self.bar_ns, await self.store.load())
         if self.tracker.last_bar_ns:
@@ -519,36 +581,42 @@ class LiveFeed(_Feed):
                         client = self.client_factory()
                     for symbol in self.symbols:
                         await self._poll(client, symbol)
-                    if not self.connected:
-                        log.info("%s feed connected", self.exchange)
-                    self.connected = True
-                    self.last_error = None
-                    backoff.reset()
+                    self._connected(backoff)
                     await _wait(self._stop, self.poll_interval_s)
                 except ccxt_async.BaseError as exc:
-                    self.connected = False
-                    self.failures += 1
-                    self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
-                    kind = "network" if isinstance(exc, ccxt_async.NetworkError) else "exchange"
-                    self.m.reconnects.inc()
-                    delay = backoff.next_delay()
-                    log.warning(
-                        "%s %s error (%s); reconnecting in %.1f s",
-                        self.exchange,
-                        kind,
-                        self.last_error,
-                        delay,
-                    )
-                    if client is not None:
-                        with contextlib.suppress(Exception):
-                            await client.close()
-                        client = None
-                    self.reconnects += 1
-                    await _wait(self._stop, delay)
+                    await _close_client(client)
+                    client = None
+                    await self._reconnect_after(exc, backoff)
         finally:
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.close()
+            await _close_client(client)
+
+    def _connected(self, backoff: Backoff) -> None:
+        if not self.connected:
+            log.info("%s %s feed connected", self.exchange, self.transport)
+        self.connected = True
+        self.last_error = None
+        backoff.reset()
+
+    async def _reconnect_after(self, exc: Exception, backoff: Backoff) -> None:
+        """Count a lost connection, say why in health, and wait out the backoff."""
+        import ccxt.async_support as ccxt_async
+
+        self.connected = False
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        kind = "network" if isinstance(exc, ccxt_async.NetworkError | OSError) else "exchange"
+        self.m.reconnects.inc()
+        delay = backoff.next_delay()
+        log.warning(
+            "%s %s %s error (%s); reconnecting in %.1f s",
+            self.exchange,
+            self.transport,
+            kind,
+            self.last_error,
+            delay,
+        )
+        self.reconnects += 1
+        await _wait(self._stop, delay)
 
     async def _poll(self, client: Any, symbol: str) -> None:
         bar_ms = self.bar_ns // NS_PER_MS
@@ -571,12 +639,16 @@ class LiveFeed(_Feed):
             result = self.tracker.accept(symbol, candles, self.clock_ns())
             self.duplicates_dropped += result.already_seen
             await self._publish(symbol, result.publish, result.gaps)
-            if result.forming is not None and self._last_tick.get(symbol) != result.forming.close:
-                await self._publish_tick(symbol, result.forming.close, Decimal(0), self.clock_ns())
-                self._last_tick[symbol] = result.forming.close
+            await self._tick_forming(symbol, result.forming)
             if end_ms + 1 >= now_ms:
                 return
             start_ms = end_ms + 1
+
+    async def _tick_forming(self, symbol: str, forming: Candle | None) -> None:
+        """A TICK at the forming bar's close (the latest traded price) when it moved."""
+        if forming is not None and self._last_tick.get(symbol) != forming.close:
+            await self._publish_tick(symbol, forming.close, Decimal(0), self.clock_ns())
+            self._last_tick[symbol] = forming.close
 
     async def _publish(self, symbol: str, candles: Sequence[Candle], gaps: Sequence[Gap]) -> None:
         for gap in gaps:
@@ -619,7 +691,10 @@ class LiveFeed(_Feed):
             return paused
         if not self.connected:
             message = self.last_error or "not connected yet"
-            return {"state": "degraded", "error_message": f"{self.exchange}: {message}"}
+            return {
+                "state": "degraded",
+                "error_message": f"{self.exchange} ({self.transport}): {message}",
+            }
         recent = [g for g in self.gaps if self.bars_since_gap.get(g.symbol, 0) < 60]
         if recent:
             return {
@@ -629,11 +704,151 @@ class LiveFeed(_Feed):
         return {"state": "healthy"}
 
 
-def make_ccxt_client(settings: MarketDataSettings) -> Callable[[], Any]:
-    """A factory of ccxt async clients for EXCHANGE (public market data only)."""
-    import ccxt.async_support as ccxt_async
+async def _close_client(client: Any) -> None:
+    """Close a ccxt client (its HTTP session and websockets); a failure to close is moot."""
+    if client is not None:
+        with contextlib.suppress(Exception):
+            await client.close()
 
-    cls = getattr(ccxt_async, settings.exchange.lower())
+
+class WebSocketFeed(LiveFeed):
+    """Streams ccxt.pro `watch_ohlcv` per symbol, with REST backfill (see the module
+    docstring). `client_factory` must make ccxt.pro clients (they also speak REST)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.streams: dict[str, StreamedBars] = {}
+        self.updates_received = 0
+        self.bars_fetched_for_holes = 0
+
+    @property
+    def transport(self) -> str:
+        return "websocket"
+
+    async def _run(self) -> None:
+        import ccxt.async_support as ccxt_async
+
+        backoff = Backoff(initial=0.5, maximum=self.backoff_max_s)
+        while not self._stop.is_set():
+            client = self.client_factory()
+            try:
+                # Bars closed while we were away (or the history, at the first start):
+                # REST, from the bar after the last one published.
+                for symbol in self.symbols:
+                    await self._poll(client, symbol)
+                await self._stream(client, backoff)
+            except (ccxt_async.BaseError, OSError) as exc:
+                await _close_client(client)
+                await self._reconnect_after(exc, backoff)
+            else:
+                await _close_client(client)
+
+    async def _stream(self, client: Any, backoff: Backoff) -> None:
+        """Watch every symbol until the feed stops (returns) or the connection fails (raises
+        the first error; the other symbols' watches end with it)."""
+        halt = asyncio.Event()
+        self.streams = {s: StreamedBars(self.bar_ns) for s in self.symbols}
+
+        async def watch(symbol: str) -> None:
+            try:
+                await self._watch(client, symbol, halt, backoff)
+            finally:
+                halt.set()
+
+        async def relay_stop() -> None:
+            await self._stop.wait()
+            halt.set()
+
+        relay = asyncio.create_task(relay_stop())
+        try:
+            results = await asyncio.gather(
+                *(watch(s) for s in self.symbols), return_exceptions=True
+            )
+        finally:
+            relay.cancel()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _watch(self, client: Any, symbol: str, halt: asyncio.Event, backoff: Backoff) -> None:
+        while not halt.is_set():
+            rows = await self._next_update(client, symbol, halt)
+            if rows is None:
+                return
+            self.updates_received += 1
+            if not self.connected:
+                self._connected(backoff)  # data flows: the subscription is live
+            await self._on_update(client, symbol, rows)
+
+    async def _next_update(
+        self, client: Any, symbol: str, halt: asyncio.Event
+    ) -> list[list[Any]] | None:
+        """The next rows ccxt.pro hands over for `symbol`, or None once `halt` is set."""
+        watch = asyncio.ensure_future(client.watch_ohlcv(symbol, self.timeframe, params={}))
+        halted = asyncio.ensure_future(halt.wait())
+        try:
+            await asyncio.wait({watch, halted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halted.cancel()
+            if not watch.done():
+                watch.cancel()
+        if not watch.done() or watch.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            return None
+        return cast(list[list[Any]], watch.result())
+
+    async def _on_update(self, client: Any, symbol: str, rows: Sequence[Sequence[Any]]) -> None:
+        stream = self.streams[symbol]
+        stream.update(rows_to_candles(symbol, self.timeframe, rows))
+        hole = stream.missing(self.tracker.last_bar_ns.get(symbol))
+        if hole is not None:
+            fetched = await self._fetch_range(client, symbol, *hole)
+            self.bars_fetched_for_holes += len(fetched)
+            stream.fill(fetched)
+        newest = stream.newest_ns()
+        if newest is None:
+            return
+        result = self.tracker.accept(symbol, stream.candles(), newest)
+        self.duplicates_dropped += result.already_seen
+        await self._publish(symbol, result.publish, result.gaps)
+        stream.prune(self.tracker.last_bar_ns.get(symbol))
+        await self._tick_forming(symbol, result.forming)
+
+    async def _fetch_range(
+        self, client: Any, symbol: str, from_ns: int, to_ns: int
+    ) -> list[Candle]:
+        """Bars opening in [from_ns, to_ns), over REST, in pages of `fetch_limit`."""
+        bar_ms = self.bar_ns // NS_PER_MS
+        start_ms, last_ms = from_ns // NS_PER_MS, to_ns // NS_PER_MS - 1
+        found: list[Candle] = []
+        while start_ms <= last_ms:
+            end_ms = min(last_ms, start_ms + self.fetch_limit * bar_ms - 1)
+            rows = await client.fetch_ohlcv(
+                symbol,
+                self.timeframe,
+                since=start_ms,
+                limit=self.fetch_limit,
+                params={"until": end_ms},
+            )
+            found += [
+                c
+                for c in rows_to_candles(symbol, self.timeframe, rows)
+                if from_ns <= c.timestamp_ns < to_ns
+            ]
+            start_ms = end_ms + 1
+        return found
+
+
+def make_ccxt_client(settings: MarketDataSettings, *, websocket: bool = False) -> Callable[[], Any]:
+    """A factory of ccxt async clients for EXCHANGE (public market data only); ccxt.pro
+    clients (REST and websocket) when `websocket`."""
+    if websocket:
+        import ccxt.pro as ccxt_module
+    else:
+        import ccxt.async_support as ccxt_module
+
+    cls = getattr(ccxt_module, settings.exchange.lower())
 
     def factory() -> Any:
         client = cls(
@@ -647,13 +862,30 @@ def make_ccxt_client(settings: MarketDataSettings) -> Callable[[], Any]:
             }
         )
         if settings.live_api_url:
-            client.urls["api"] = {key: settings.live_api_url for key in client.urls["api"]}
+            client.urls["api"] = {
+                key: value if key == "ws" else settings.live_api_url
+                for key, value in client.urls["api"].items()
+            }
         elif settings.exchange_testnet:
             client.set_sandbox_mode(True)
+        if settings.live_ws_url and "ws" in client.urls["api"]:
+            client.urls["api"]["ws"] = rebased_urls(client.urls["api"]["ws"], settings.live_ws_url)
         client.has["fetchCurrencies"] = False
         return client
 
     return factory
+
+
+def rebased_urls(urls: Any, base: str) -> Any:
+    """ccxt's (nested) websocket URLs with scheme and host replaced by `base`, paths kept:
+    `wss://stream.{hostname}/v5/public/linear` -> `ws://127.0.0.1:8080/v5/public/linear`."""
+    if isinstance(urls, dict):
+        return {key: rebased_urls(value, base) for key, value in urls.items()}
+    if isinstance(urls, str):
+        parts = urlsplit(urls)
+        query = f"?{parts.query}" if parts.query else ""
+        return f"{base.rstrip('/')}{parts.path}{query}"
+    return urls
 
 
 def build(ctx: ServiceContext) -> None:
@@ -681,9 +913,10 @@ def build(ctx: ServiceContext) -> None:
             source=str(path),
         )
     else:
-        feed = LiveFeed(
+        websocket = settings.live_websocket
+        feed = (WebSocketFeed if websocket else LiveFeed)(
             ctx.bus,
-            make_ccxt_client(settings),
+            make_ccxt_client(settings, websocket=websocket),
             LastBarStore(ctx.redis, f"hean:market_data:{settings.service_name}:last_bar"),
             symbols=settings.symbols,
             timeframe=settings.timeframe,
