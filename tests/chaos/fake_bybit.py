@@ -1,9 +1,10 @@
 """A local fake Bybit v5 server (aiohttp) that can be told to misbehave.
 
 The approach of tests/integration/test_order_path_ccxt.py (instruments-info, order/create,
-order/cancel, order/realtime, execution/list; unique orderLinkIds; the instrument's minimum
-quantity; a 5000 USDT account), plus scripted faults for the next order/create calls and
-an outage switch, and a record of every create call per orderLinkId:
+order/cancel, order/realtime and order/history (by orderLinkId too), execution/list; unique
+orderLinkIds; the instrument's minimum quantity; a 5000 USDT account), plus scripted faults
+for the next order/create calls and an outage switch, and a record of every create call per
+orderLinkId:
 
 - `503`: HTTP 503 before the order book is touched (the venue did nothing).
 - `429`: HTTP 429, and `10006`: HTTP 200 with retCode 10006 "Too many visits!" (Bybit's
@@ -82,6 +83,7 @@ class FakeBybit:
         app.router.add_post("/v5/order/create", self.create)
         app.router.add_post("/v5/order/cancel", self.cancel)
         app.router.add_get("/v5/order/realtime", self.realtime)
+        app.router.add_get("/v5/order/history", self.history)
         app.router.add_get("/v5/execution/list", self.execution_list)
         return app
 
@@ -201,8 +203,22 @@ class FakeBybit:
         return _reply({"orderId": order["orderId"], "orderLinkId": link})
 
     async def realtime(self, request: web.Request) -> web.Response:
-        listed = [o for o in self.orders.values() if o["orderStatus"] == "New"]
+        link = request.query.get("orderLinkId")
+        listed = [
+            o
+            for o in self.orders.values()
+            if o["orderStatus"] == "New" and link in (None, o["orderLinkId"])
+        ]
         return _reply({"category": "linear", "list": listed})
+
+    async def history(self, request: web.Request) -> web.Response:
+        link = request.query.get("orderLinkId")
+        listed = [
+            o
+            for o in self.orders.values()
+            if o["orderStatus"] != "New" and link in (None, o["orderLinkId"])
+        ]
+        return _reply({"category": "linear", "list": listed, "nextPageCursor": ""})
 
     async def execution_list(self, request: web.Request) -> web.Response:
         return _reply({"category": "linear", "list": list(reversed(self.executions))})

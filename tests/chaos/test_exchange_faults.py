@@ -282,11 +282,6 @@ async def test_exchange_faults_safe_retries_breaker_rejections_duplicate_fill(
     rig.system.assert_alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a create-order call that timed out or lost its connection after the venue "
-    "accepted it is sent again (the venue's duplicate check is all that stops a second order)",
-)
 @pytest.mark.timeout(120)
 async def test_ambiguous_create_failure_is_not_resent_blindly(rig: Rig, report: Report) -> None:
     fake = rig.fake
@@ -306,28 +301,15 @@ async def test_ambiguous_create_failure_is_not_resent_blindly(rig: Rig, report: 
         f"connection dropped -> {drop}, venue saw {calls['x-drop-1']}; answer held past "
         f"ccxt's 10 s timeout -> {hold} after {hold_s:.0f} s, venue saw {calls['x-hold-1']}. "
         f"Orders on the venue: {sorted(fake.orders)}; "
-        f"{len(fills)} ORDER_FILLED. The resend is stopped only by Bybit's duplicate "
-        "orderLinkId check (see Known bugs).",
-    )
-    report.add(
-        "Known bugs",
-        "- **execution resends a create-order whose fate is unknown** (found by "
-        "`test_exchange_faults.py`): a timeout or a connection lost after the request was "
-        "sent is a ccxt `NetworkError`, which the adapter retries like a 503 or a rate "
-        f"limit: the venue saw {calls['x-drop-1']} and {calls['x-hold-1']}. Only the venue's "
-        "duplicate-orderLinkId refusal prevents a second order (venues or order types "
-        "without that check would fill twice). Fix: in `CcxtExchange.place`, retry "
-        "blindly only answers that certainly did nothing (`RateLimitExceeded`/"
-        "`DDoSProtection`, HTTP 503 before processing, connection refused); on "
-        "`RequestTimeout` or a lost connection ask the venue for the orderLinkId "
-        "(`fetch_order`/`/v5/order/realtime?orderLinkId=`, then the order history) and "
-        "resend only if it does not exist. "
-        "(`test_exchange_faults.py::test_ambiguous_create_failure_is_not_resent_blindly`)",
+        f"{len(fills)} ORDER_FILLED. Each time execution asked the venue for the "
+        "orderLinkId (open orders, then the order history), found the order and adopted it "
+        "instead of resending it.",
     )
     assert drop == "filled" and hold == "filled"
     assert sorted(fake.orders) == ["x-drop-1", "x-hold-1"]
     assert fake.create_calls["x-drop-1"] == 1, calls
     assert fake.create_calls["x-hold-1"] == 1, calls
+    assert fake.requests["GET /v5/order/history"] >= 2  # found there: both had filled
 
 
 async def _open_breaker(rig: Rig) -> dict[str, Any]:

@@ -3,6 +3,13 @@
 - Client order ids are our child ids (`<order_id>-<n>`, Bybit's `orderLinkId`, <= 36
   chars): a repeated placement is refused by the venue as a duplicate, which we read as
   "already placed" rather than as a failure.
+- A create-order whose answer was lost (a timeout, a dropped connection, a 5xx: the venue
+  may have accepted it) is never resent blindly: the venue is asked for the client order
+  id first (open orders, then the order history) and a found order is adopted as placed.
+  Only rate-limit refusals (`DDoSProtection`, `RateLimitExceeded`), which certainly did
+  nothing, are resent at once. If the lookup itself fails, `place` raises `TransientError`
+  and the service retries later with the same client order id, so the venue's duplicate
+  check still stands between a lost answer and a second order.
 - Transient errors (ccxt `NetworkError`: timeouts, 5xx, rate limits, exchange unavailable)
   are retried with exponential backoff (tenacity), then raised as `TransientError`; refusals
   (`InvalidOrder`, `BadSymbol`, `InsufficientFunds`, `BadRequest`, ...) are never retried and
@@ -17,6 +24,7 @@ nothing here talks to the internet on its own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -28,6 +36,7 @@ from ccxt.base.errors import (  # type: ignore[import-untyped]
     AuthenticationError,
     BadRequest,
     BadSymbol,
+    DDoSProtection,
     InsufficientFunds,
     InvalidOrder,
     NetworkError,
@@ -136,28 +145,68 @@ class CcxtExchange(Exchange):
         params: dict[str, Any] = {"clientOrderId": child.client_order_id}
         if child.reduce_only:
             params["reduceOnly"] = True
-        price = float(child.price) if child.price is not None else None
-        try:
-            order = await self._call(
-                self.client.create_order,
-                venue,
-                child.type,
-                child.side.value.lower(),
-                float(child.qty),
-                price,
-                params,
-            )
-        except OrderRefusedError as exc:
-            if "duplicate" not in exc.reason.lower():
-                raise
-            # A retry after a timeout whose first attempt did land: it is placed already.
-            log.warning("%s: %s already placed (%s)", self.name, child.client_order_id, exc)
-            order = {"id": ""}
+        order = await self._create(venue, child, params)
         exchange_id = str(order.get("id") or "")
         self._children[child.client_order_id] = (exchange_id, child.symbol)
         self._open.add(child.client_order_id)
         self._since_ms.setdefault(child.symbol, now_ns // 1_000_000 - 60_000)
         return PlaceResult(exchange_id, (), child.qty)
+
+    async def _create(self, venue: str, child: ChildOrder, params: dict[str, Any]) -> Any:
+        """`create_order`, retried, but never resent while it may have been placed (see the
+        module docstring). Returns the venue's order (`{"id": ""}` if only a duplicate
+        refusal says it exists)."""
+        client_id = child.client_order_id
+        price = float(child.price) if child.price is not None else None
+        args = (venue, child.type, child.side.value.lower(), float(child.qty), price, params)
+        attempts = max(1, self.config.retry_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._once(self.client.create_order, *args)
+            except OrderRefusedError as exc:
+                if "duplicate" not in exc.reason.lower():
+                    raise
+                # An earlier attempt (or run) did land: it is placed already.
+                log.warning("%s: %s already placed (%s)", self.name, client_id, exc)
+                return {"id": ""}
+            except TransientError as exc:
+                if not isinstance(exc.__cause__, DDoSProtection):  # may have been placed
+                    found = await self.find_order(venue, client_id)
+                    if found is not None:
+                        log.warning(
+                            "%s: %s was placed although its answer was lost (%s); adopted",
+                            self.name,
+                            client_id,
+                            exc,
+                        )
+                        return found
+                if attempt == attempts:
+                    raise
+                delay = self.config.retry_initial_s * 2 ** (attempt - 1)
+                await asyncio.sleep(min(delay, self.config.retry_max_s))
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    async def find_order(self, venue: str, client_order_id: str) -> Any | None:
+        """The venue's order with this client order id, open or closed, or None if it has
+        none. Raises `TransientError` when the venue cannot say."""
+        params = {"orderLinkId": client_order_id} if self.name == "bybit" else {}
+        closed = (
+            self.client.fetch_canceled_and_closed_orders
+            if self.client.has.get("fetchCanceledAndClosedOrders")
+            else self.client.fetch_closed_orders
+        )
+        for fetch in (self.client.fetch_open_orders, closed):
+            try:
+                orders = await self._call(fetch, venue, None, None, params)
+            except OrderRefusedError as exc:  # the venue would not answer this lookup
+                raise TransientError(f"cannot look up {client_order_id}: {exc}") from exc
+            for order in orders:
+                info = order.get("info") or {}
+                if str(order.get("clientOrderId") or info.get("orderLinkId") or "") == (
+                    client_order_id
+                ):
+                    return order
+        return None
 
     async def cancel(self, client_order_id: str, now_ns: int, symbol: str | None = None) -> Decimal:
         known = self._children.get(client_order_id)
