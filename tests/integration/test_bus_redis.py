@@ -558,3 +558,120 @@ async def test_bus_started_while_redis_down_creates_topology_before_first_event(
     client.close()
     # The features group existed before the candle was written: it will be delivered.
     assert groups["features"]["lag"] == 1
+
+
+async def test_bus_conflated_subscription_handles_newest_per_symbol_and_acks_the_rest(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    marks: list[tuple[str, int]] = []
+    every: list[int] = []
+    risk = make_bus(redis_url, "risk", conflate_interval_s=0.3)
+
+    def mark(event: Event) -> None:
+        marks.append((event.data["symbol"], event.data["seq"]))
+
+    risk.subscribe(EventType.TICK, mark, conflate=True)
+    risk.subscribe(EventType.SIGNAL, lambda e: every.append(int(e.data["size"])))
+    execution = make_bus(redis_url, "execution")  # needs every tick: not conflated
+    exec_seen: list[int] = []
+    execution.subscribe(EventType.TICK, lambda e: exec_seen.append(e.data["seq"]))
+    for bus in (risk, execution):
+        await bus.start()
+        buses.append(bus)
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+
+    # One burst lands between two conflated reads: only each symbol's last tick is handled.
+    await asyncio.sleep(0.35)
+    for i in range(200):
+        await publisher.publish(tick(i, "BTC/USDT" if i % 2 else "ETH/USDT"))
+    await publisher.flush()
+    # Signals are read as they come, not every 0.3 s, and none is dropped.
+    for size in range(1, 21):
+        await publisher.publish(
+            Event(
+                event_type=EventType.SIGNAL,
+                data={"symbol": "BTC/USDT", "side": "buy", "size": size, "signal_strength": 0.5},
+            )
+        )
+    await publisher.flush()
+
+    await eventually(lambda: len(exec_seen) == 200 and len(every) == 20, timeout=10)
+    await eventually(lambda: {s for s, _ in marks} == {"BTC/USDT", "ETH/USDT"}, timeout=10)
+    newest = {s: max(q for t, q in marks if t == s) for s, _ in marks}
+    assert newest == {"BTC/USDT": 199, "ETH/USDT": 198}
+    assert len(marks) < 20  # a few reads at most, not 200 handler calls
+    assert sorted(exec_seen) == list(range(200))
+    assert every == list(range(1, 21))
+
+    async def risk_settled() -> bool:
+        groups = {g["name"]: g for g in await redis_client.xinfo_groups(TICKS)}
+        return bool(groups[b"risk"]["pending"] == 0 and groups[b"risk"]["lag"] == 0)
+
+    await eventually(risk_settled, timeout=10)
+    transport = risk.transport
+    assert isinstance(transport, RedisStreamsTransport)
+    assert transport.conflated_count == 200 - len(marks)
+    assert risk.metrics is not None
+    conflated = risk.metrics.events_handled.labels("TICK", "conflated")._value.get()
+    assert conflated == 200 - len(marks)
+
+
+async def test_bus_conflated_subscription_still_dead_letters_unreadable_entries(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    marks: list[int] = []
+    risk = make_bus(redis_url, "risk", conflate_interval_s=0.05)
+    risk.subscribe(EventType.TICK, lambda e: marks.append(e.data["seq"]), conflate=True)
+    await risk.start()
+    buses.append(risk)
+    await redis_client.xadd(TICKS, {"event": b"{not json"})
+    await redis_client.xadd(TICKS, {"event": tick(7).to_json()})
+    await eventually(lambda: marks == [7], timeout=10)
+
+    async def dead_lettered() -> bool:
+        return await redis_client.xlen(DLQ_STREAM) == 1
+
+    await eventually(dead_lettered, timeout=10)
+    entries: Any = await redis_client.xrange(DLQ_STREAM)
+    assert len(entries) == 1
+    assert b"malformed" in entries[0][1][b"error"]
+
+
+async def test_bus_conflated_marks_are_handled_before_a_later_plain_event_of_that_key(
+    redis_url: str, buses: list[EventBus]
+) -> None:
+    """A conflated tick added before a plain event of the same symbol is handled first, even
+    though conflated reads come only every few seconds here."""
+    mark: dict[str, int] = {}
+    seen_at_signal: list[tuple[int, int | None]] = []
+    risk = make_bus(redis_url, "risk", conflate_interval_s=5.0)
+
+    def on_tick(event: Event) -> None:
+        mark[event.data["symbol"]] = event.data["seq"]
+
+    risk.subscribe(EventType.TICK, on_tick, conflate=True)
+    risk.subscribe(
+        EventType.SIGNAL,
+        lambda e: seen_at_signal.append((int(e.data["size"]), mark.get("BTC/USDT"))),
+    )
+    await risk.start()
+    buses.append(risk)
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+
+    for round_ in range(1, 11):
+        for i in range(5):  # the last of these is the mark the signal was priced against
+            await publisher.publish(tick(round_ * 10 + i, "BTC/USDT"))
+        await publisher.publish(
+            Event(
+                event_type=EventType.SIGNAL,
+                data={"symbol": "BTC/USDT", "side": "buy", "size": round_, "signal_strength": 0.5},
+            )
+        )
+        await publisher.flush()
+        await eventually(lambda: len(seen_at_signal) == round_, timeout=10)  # noqa: B023
+
+    assert seen_at_signal == [(r, r * 10 + 4) for r in range(1, 11)]

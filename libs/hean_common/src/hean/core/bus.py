@@ -17,6 +17,15 @@ Two transports behind one API:
 Handlers run on `worker_count` workers; events with the same key (symbol, else order id,
 else type) always go to the same worker, so per-symbol order is kept while symbols run in
 parallel. See docs/adr/0002-event-bus-delivery.md.
+
+A subscription with `conflate=True` (market data a service only marks to, such as TICKs
+for risk and portfolio) is read every `conflate_interval_s` instead of as it arrives, and
+of the entries read together only the newest per key is handled; the older ones are acked
+unhandled (counted in `hean_events_handled_total{outcome="conflated"}`). Before the other
+(plain) events a read returns are handed out, the conflated ones already in Redis are taken
+first, so per key a plain event is handled after the newest conflated event added before it
+(risk marks to the tick an order was priced against before it checks that order). A service
+that needs every event of a type subscribes without it.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -89,6 +99,7 @@ class _Subscription:
     event_type: EventType
     handler: Handler
     name: str
+    conflate: bool = False
 
 
 @dataclass(slots=True)
@@ -131,6 +142,20 @@ def partition_key(event: Event) -> str:
         if value:
             return str(value)
     return event.event_type.value
+
+
+def _raw_partition_key(raw: bytes) -> str | None:
+    """`partition_key` of an encoded event without building it (None: unreadable)."""
+    try:
+        doc = orjson.loads(raw)
+        data = doc.get("data") or {}
+        for name in ("symbol", "order_id"):
+            value = data.get(name)
+            if value:
+                return str(value)
+        return str(doc["event_type"]).upper()
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return None
 
 
 def worker_lane(key: str, workers: int) -> int:
@@ -185,6 +210,11 @@ class Dispatcher:
     @property
     def event_types(self) -> list[EventType]:
         return [t for t, subs in self._subs.items() if subs]
+
+    @property
+    def conflated_types(self) -> list[EventType]:
+        """Types every local handler takes conflated (see the module docstring)."""
+        return [t for t, subs in self._subs.items() if subs and all(s.conflate for s in subs)]
 
     def has(self, event_type: EventType) -> bool:
         return bool(self._subs.get(event_type))
@@ -461,6 +491,8 @@ class RedisBusConfig:
     reconnect_max_s: float = 5.0
     group_start_id: str = "$"
     consumer_gc_idle_ms: int = 600_000
+    #: How often conflated subscriptions are read (see the module docstring).
+    conflate_interval_s: float = 0.05
     # Create the system's consumer groups (hean.core.topology) before publishing anything.
     ensure_topology: bool = True
     #: The only consumer of its group (every HEAN service but ml-service): at start it takes
@@ -489,6 +521,20 @@ class RedisBusConfig:
         return cls(**values)
 
 
+def _wake(
+    waiters: list[tuple[int, asyncio.Future[None]]], reached: int
+) -> list[tuple[int, asyncio.Future[None]]]:
+    """Resolve the waiters whose target sequence number is reached; return the others."""
+    still: list[tuple[int, asyncio.Future[None]]] = []
+    for target, waiter in waiters:
+        if reached >= target:
+            if not waiter.done():
+                waiter.set_result(None)
+        else:
+            still.append((target, waiter))
+    return still
+
+
 class RedisStreamsTransport(Transport):
     """Redis Streams consumer groups with at-least-once delivery (see the module docstring)."""
 
@@ -506,6 +552,10 @@ class RedisStreamsTransport(Transport):
         self._outbox_wakeup = asyncio.Event()
         self._acks: dict[str, list[str]] = {}
         self._ack_wakeup = asyncio.Event()
+        self._acks_queued = 0  # acks handed to the ack loop so far
+        self._acks_sent = 0  # of those, how many Redis has answered for
+        self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._conflate_lock = asyncio.Lock()
         self._in_flight: set[tuple[str, str]] = set()
         self._capacity = asyncio.Event()
         self._capacity.set()
@@ -524,6 +574,7 @@ class RedisStreamsTransport(Transport):
         self.duplicates_suppressed = 0
         self.reclaimed_count = 0
         self.deleted_pending_count = 0
+        self.conflated_count = 0  # entries acked unhandled, superseded by a newer one
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -581,6 +632,7 @@ class RedisStreamsTransport(Transport):
             asyncio.create_task(self._ack_loop(), name="bus-acks"),
             asyncio.create_task(self._read_loop(), name="bus-reader"),
             asyncio.create_task(self._claim_loop(), name="bus-claimer"),
+            asyncio.create_task(self._conflated_loop(), name="bus-conflated-reader"),
         ]
 
     async def stop_consuming(self, drain_timeout: float = 5.0) -> None:
@@ -591,8 +643,7 @@ class RedisStreamsTransport(Transport):
         self._stopping.set()
         self._subscribed_wakeup.set()
         self._capacity.set()
-        reader, claimer = self._tasks[2], self._tasks[3]
-        await asyncio.wait([reader, claimer], timeout=self.config.block_ms / 1000 + 2)
+        await asyncio.wait(self._tasks[2:], timeout=self.config.block_ms / 1000 + 2)
         for task in self._retry_tasks:
             task.cancel()
         await self._workers.stop(drain_timeout)
@@ -608,7 +659,7 @@ class RedisStreamsTransport(Transport):
             log.error(
                 "stopping with %d events not yet in Redis and %d acks unsent",
                 len(self._outbox),
-                sum(len(v) for v in self._acks.values()),
+                self._acks_queued - self._acks_sent,
             )
         for task in self._tasks:
             task.cancel()
@@ -735,34 +786,28 @@ class RedisStreamsTransport(Transport):
                     published[item.event_type] = published.get(item.event_type, 0) + 1
                 if item.future is not None and not item.future.done():
                     item.future.set_result("" if result is None else as_str(result))
-            self._wake_flush_waiters()
+            self._flush_waiters = _wake(self._flush_waiters, self._flushed_seq)
             if self.metrics is not None:
                 for etype, count in published.items():
                     self.metrics.events_published.labels(etype).inc(count)
                 self._report_sizes()
 
-    def _wake_flush_waiters(self) -> None:
-        still: list[tuple[int, asyncio.Future[None]]] = []
-        for target, waiter in self._flush_waiters:
-            if self._flushed_seq >= target:
-                if not waiter.done():
-                    waiter.set_result(None)
-            else:
-                still.append((target, waiter))
-        self._flush_waiters = still
-
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until everything published so far is in Redis and every ack is sent."""
 
         async def drained() -> None:
+            loop = asyncio.get_running_loop()
             target = self._published_seq
             if self._flushed_seq < target:
-                waiter = asyncio.get_running_loop().create_future()
+                waiter = loop.create_future()
                 self._flush_waiters.append((target, waiter))
                 await waiter
-            while any(self._acks.values()):
+            acks = self._acks_queued
+            if self._acks_sent < acks:
+                waiter = loop.create_future()
+                self._ack_waiters.append((acks, waiter))
                 self._ack_wakeup.set()
-                await asyncio.sleep(0.005)
+                await waiter
 
         await asyncio.wait_for(drained(), timeout)
 
@@ -773,7 +818,9 @@ class RedisStreamsTransport(Transport):
         assert self._reader is not None
         while self._running:
             event_types = self.dispatcher.event_types
-            if not event_types:
+            conflated = set(self.dispatcher.conflated_types)
+            plain = [t for t in event_types if t not in conflated]
+            if not event_types or (self._recovered_at_start and not plain):
                 self._subscribed_wakeup.clear()
                 await self._subscribed_wakeup.wait()
                 continue
@@ -786,7 +833,7 @@ class RedisStreamsTransport(Transport):
                 if not self._recovered_at_start:
                     await self._recover_at_start()
                     continue
-                streams: dict[Any, Any] = {stream_key(t): ">" for t in event_types}
+                streams: dict[Any, Any] = {stream_key(t): ">" for t in plain}
                 response: Any = await self._reader.xreadgroup(
                     self.config.group,
                     self.config.consumer,
@@ -811,10 +858,92 @@ class RedisStreamsTransport(Transport):
                 continue
             backoff.reset()
             self._set_connected(True)
+            if response and conflated:
+                await self._catch_up_conflated()
             for raw_stream, entries in response or ():
                 stream = as_str(raw_stream)
                 for raw_id, fields in entries:
                     await self._accept(stream, as_str(raw_id), fields, deliveries=1)
+
+    async def _conflated_loop(self) -> None:
+        """Reads the conflated subscriptions every `conflate_interval_s` (module docstring)."""
+        backoff = Backoff(maximum=self.config.reconnect_max_s)
+        while self._running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.config.conflate_interval_s)
+            if not self._running or not self._recovered_at_start:
+                continue
+            try:
+                await self._read_conflated()
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    self._groups_ready.clear()
+                    await self._recreate_groups()
+                else:
+                    log.error("XREADGROUP (conflated) failed: %s", exc)
+                    await asyncio.sleep(backoff.next_delay())
+                continue
+            except _REDIS_DOWN as exc:
+                self._set_connected(False, exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+
+    async def _read_conflated(self) -> None:
+        """Take everything the conflated subscriptions have waiting, newest per key."""
+        types = self.dispatcher.conflated_types
+        if not types:
+            return
+        count = max(self.config.batch_size * 100, 1000)
+        async with self._conflate_lock:  # one reader at a time: marks never go backwards
+            await self._ensure_groups()
+            while self._running:
+                response: Any = await self.client.xreadgroup(
+                    self.config.group,
+                    self.config.consumer,
+                    {stream_key(t): ">" for t in types},
+                    count=count,
+                )
+                full = False
+                for raw_stream, entries in response or ():
+                    full = full or len(entries) >= count
+                    await self._accept_conflated(as_str(raw_stream), entries)
+                if not full:
+                    return
+
+    async def _catch_up_conflated(self) -> None:
+        """Before plain events are handed out: take the conflated events already in Redis,
+        so that (per key) a plain event is handled after the newest conflated one added
+        before it, e.g. risk sees the tick before the order priced against it. Best effort:
+        on a Redis error the conflated loop catches up later."""
+        try:
+            await self._read_conflated()
+        except (ResponseError, *_REDIS_DOWN) as exc:
+            log.debug("conflated catch-up skipped: %s", exc)
+
+    async def _accept_conflated(self, stream: str, entries: list[Any]) -> None:
+        """Handle the newest entry per key; ack the ones it supersedes unhandled."""
+        newest: dict[str, tuple[str, Any]] = {}
+        superseded: list[str] = []
+        unreadable: list[tuple[str, Any]] = []
+        for raw_id, fields in entries:
+            entry_id = as_str(raw_id)
+            key = _raw_partition_key((fields or {}).get(EVENT_FIELD, b""))
+            if key is None:
+                unreadable.append((entry_id, fields))  # dead-lettered with the reason
+                continue
+            previous = newest.get(key)
+            if previous is not None:
+                superseded.append(previous[0])
+            newest[key] = (entry_id, fields)
+        for entry_id in superseded:
+            self._queue_ack(stream, entry_id)
+        if superseded and self.metrics is not None:
+            label = stream.rsplit(":", 1)[-1]
+            self.metrics.events_handled.labels(label, "conflated").inc(len(superseded))
+        self.conflated_count += len(superseded)
+        for entry_id, fields in [*unreadable, *newest.values()]:
+            await self._accept(stream, entry_id, fields, deliveries=1)
 
     async def _recreate_groups(self) -> None:
         try:
@@ -967,6 +1096,7 @@ class RedisStreamsTransport(Transport):
 
     def _queue_ack(self, stream: str, entry_id: str) -> None:
         self._acks.setdefault(stream, []).append(entry_id)
+        self._acks_queued += 1
         self._ack_wakeup.set()
 
     async def _ack_loop(self) -> None:
@@ -984,6 +1114,8 @@ class RedisStreamsTransport(Transport):
                             pipe.xack(stream, self.config.group, *ids)
                     await pipe.execute()
                 backoff.reset()
+                self._acks_sent += sum(len(ids) for ids in batch.values())
+                self._ack_waiters = _wake(self._ack_waiters, self._acks_sent)
             except _REDIS_DOWN as exc:
                 self._set_connected(False, exc)
                 for stream, ids in batch.items():  # acks are idempotent: resend them later
@@ -1240,13 +1372,24 @@ class EventBus:
         return cls(transport, metrics=metrics, source=settings.consumer_name)
 
     def subscribe(
-        self, event_type: EventType, handler: Handler, *, name: str | None = None
+        self,
+        event_type: EventType,
+        handler: Handler,
+        *,
+        name: str | None = None,
+        conflate: bool = False,
     ) -> None:
-        """Call `handler(event)` (sync or async) for every event of `event_type`."""
+        """Call `handler(event)` (sync or async) for every event of `event_type`.
+
+        `conflate=True`: only the newest event per key among those waiting is handled, read
+        a few times a second (for marks to market; see the module docstring). The in-memory
+        transport delivers every event either way."""
         event_type = EventType(str(event_type).upper())
         if not callable(handler):
             raise TypeError("handler must be callable")
-        self._dispatcher.add(_Subscription(event_type, handler, name or _handler_name(handler)))
+        self._dispatcher.add(
+            _Subscription(event_type, handler, name or _handler_name(handler), conflate)
+        )
         self.transport.subscribed(event_type)
 
     def unsubscribe(self, event_type: EventType, handler: Handler) -> None:

@@ -131,6 +131,17 @@ async def serve(
         await client.aclose()
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it runs (Linux, macOS): a hop of an event through a service is
+    mostly event-loop and socket work, which uvloop does in C. None (asyncio's default
+    loop) elsewhere, e.g. on Windows, where uvloop has no wheel."""
+    try:
+        import uvloop
+    except ImportError:  # Windows: no uvloop wheel
+        return None
+    return uvloop.new_event_loop
+
+
 def run_service(
     name: str,
     build: Build,
@@ -146,7 +157,8 @@ def run_service(
         return 2
     configure_logging(settings)
     try:
-        asyncio.run(serve(name, build, settings, exclusive=exclusive))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(serve(name, build, settings, exclusive=exclusive))
     except SettingsError as exc:
         log.error("%s", exc)
         return 2

@@ -1,5 +1,8 @@
 """Portfolio wiring: ORDER_FILLED and TICK/CANDLE in, PNL_UPDATE out.
 
+TICK and CANDLE are subscribed conflated: they only mark positions to market, so the
+newest price per symbol a few times a second is all that is read (hean.core.bus).
+
 State is rebuilt at start by replaying the ORDER_FILLED stream (kept in full: an "important"
 stream) through the same core; the consumer group is created at the stream's start first,
 so a fill published while the replay runs is still delivered, and the core's fill
@@ -66,8 +69,11 @@ class PortfolioService:
         if self.history is not None:
             await self.rebuild()
         self.bus.subscribe(EventType.ORDER_FILLED, self.on_fill, name="portfolio.on_fill")
-        self.bus.subscribe(EventType.TICK, self.on_tick, name="portfolio.on_tick")
-        self.bus.subscribe(EventType.CANDLE, self.on_candle, name="portfolio.on_candle")
+        # Marks only: the newest price per symbol is enough (conflated, see hean.core.bus).
+        self.bus.subscribe(EventType.TICK, self.on_tick, name="portfolio.on_tick", conflate=True)
+        self.bus.subscribe(
+            EventType.CANDLE, self.on_candle, name="portfolio.on_candle", conflate=True
+        )
 
     async def rebuild(self) -> int:
         """Replay every ORDER_FILLED in the stream into the core; returns fills applied."""

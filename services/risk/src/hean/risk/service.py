@@ -140,8 +140,9 @@ class RiskService:
         b.subscribe(EventType.ORDER_CANCELLED, self.on_order_closed, name="risk.on_cancelled")
         b.subscribe(EventType.ORDER_REJECTED, self.on_order_closed, name="risk.on_rejected")
         b.subscribe(EventType.PNL_UPDATE, self.on_pnl, name="risk.on_pnl")
-        b.subscribe(EventType.TICK, self.on_tick, name="risk.on_tick")
-        b.subscribe(EventType.CANDLE, self.on_candle, name="risk.on_candle")
+        # Marks only: the newest price per symbol is enough (conflated, see hean.core.bus).
+        b.subscribe(EventType.TICK, self.on_tick, name="risk.on_tick", conflate=True)
+        b.subscribe(EventType.CANDLE, self.on_candle, name="risk.on_candle", conflate=True)
         if self.redis is not None and self.redis_url is not None:
             self._running = True
             self._command_task = asyncio.create_task(self._command_loop(), name="risk-commands")
