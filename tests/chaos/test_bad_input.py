@@ -134,7 +134,9 @@ async def test_hostile_entries_in_every_stream_dead_lettered_services_keep_runni
             for group in readers:
                 sent.setdefault((key, group), []).append(entry_id)
 
-    names = {e: n for (_s, _g), ids in sent.items() for e, n in zip(ids, cases_of[_s], strict=True)}
+    names = {
+        (s, e): n for (s, _g), ids in sent.items() for e, n in zip(ids, cases_of[s], strict=True)
+    }
     missing: list[str] = []
 
     async def all_dead_lettered() -> bool:
@@ -145,7 +147,7 @@ async def test_hostile_entries_in_every_stream_dead_lettered_services_keep_runni
             if b"stream" in f and b"group" in f and b"entry_id" in f
         }
         missing[:] = [
-            f"{s}/{g}: {names[e]}"
+            f"{s}/{g}: {names[s, e]}"
             for (s, g), ids in sent.items()
             for e in ids
             if (s, g, e) not in got

@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -626,17 +627,22 @@ async def test_bus_conflated_subscription_still_dead_letters_unreadable_entries(
     risk.subscribe(EventType.TICK, lambda e: marks.append(e.data["seq"]), conflate=True)
     await risk.start()
     buses.append(risk)
+    # Read together: an unreadable entry, and an invalid tick of BTC/USDT superseded by a
+    # valid one of the same symbol. Superseded or not, the invalid ones are dead-lettered.
+    negative = orjson.loads(tick(6).to_json())
+    negative["data"]["price"] = "-5"
     await redis_client.xadd(TICKS, {"event": b"{not json"})
+    await redis_client.xadd(TICKS, {"event": orjson.dumps(negative)})
     await redis_client.xadd(TICKS, {"event": tick(7).to_json()})
     await eventually(lambda: marks == [7], timeout=10)
 
     async def dead_lettered() -> bool:
-        return await redis_client.xlen(DLQ_STREAM) == 1
+        return await redis_client.xlen(DLQ_STREAM) == 2
 
     await eventually(dead_lettered, timeout=10)
     entries: Any = await redis_client.xrange(DLQ_STREAM)
-    assert len(entries) == 1
-    assert b"malformed" in entries[0][1][b"error"]
+    errors = sorted(fields[b"error"].decode() for _, fields in entries)
+    assert "not valid JSON" in errors[0] and "price" in errors[1], errors
 
 
 async def test_bus_conflated_marks_are_handled_before_a_later_plain_event_of_that_key(

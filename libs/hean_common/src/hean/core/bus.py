@@ -20,8 +20,9 @@ parallel. See docs/adr/0002-event-bus-delivery.md.
 
 A subscription with `conflate=True` (market data a service only marks to, such as TICKs
 for risk and portfolio) is read every `conflate_interval_s` instead of as it arrives, and
-of the entries read together only the newest per key is handled; the older ones are acked
-unhandled (counted in `hean_events_handled_total{outcome="conflated"}`). Before the other
+of the entries read together only the newest per key is handled; the older ones are
+validated (an invalid one is dead-lettered) and acked unhandled (counted in
+`hean_events_handled_total{outcome="conflated"}`). Before the other
 (plain) events a read returns are handed out, the conflated ones already in Redis are taken
 first, so per key a plain event is handled after the newest conflated event added before it
 (risk marks to the tick an order was priced against before it checks that order). A service
@@ -45,7 +46,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -142,20 +142,6 @@ def partition_key(event: Event) -> str:
         if value:
             return str(value)
     return event.event_type.value
-
-
-def _raw_partition_key(raw: bytes) -> str | None:
-    """`partition_key` of an encoded event without building it (None: unreadable)."""
-    try:
-        doc = orjson.loads(raw)
-        data = doc.get("data") or {}
-        for name in ("symbol", "order_id"):
-            value = data.get(name)
-            if value:
-                return str(value)
-        return str(doc["event_type"]).upper()
-    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
-        return None
 
 
 def worker_lane(key: str, workers: int) -> int:
@@ -922,28 +908,31 @@ class RedisStreamsTransport(Transport):
             log.debug("conflated catch-up skipped: %s", exc)
 
     async def _accept_conflated(self, stream: str, entries: list[Any]) -> None:
-        """Handle the newest entry per key; ack the ones it supersedes unhandled."""
-        newest: dict[str, tuple[str, Any]] = {}
+        """Handle the newest entry per key; ack the ones it supersedes unhandled. Every
+        entry is still decoded and validated: an invalid one is dead-lettered with the
+        reason, superseded or not."""
+        newest: dict[str, tuple[str, Any, Event]] = {}
         superseded: list[str] = []
-        unreadable: list[tuple[str, Any]] = []
         for raw_id, fields in entries:
             entry_id = as_str(raw_id)
-            key = _raw_partition_key((fields or {}).get(EVENT_FIELD, b""))
-            if key is None:
-                unreadable.append((entry_id, fields))  # dead-lettered with the reason
+            try:
+                event = decode_entry(stream, fields)
+            except InvalidEventError:
+                await self._accept(stream, entry_id, fields, deliveries=1)  # dead-letters it
                 continue
+            key = partition_key(event)
             previous = newest.get(key)
             if previous is not None:
                 superseded.append(previous[0])
-            newest[key] = (entry_id, fields)
+            newest[key] = (entry_id, fields, event)
         for entry_id in superseded:
             self._queue_ack(stream, entry_id)
         if superseded and self.metrics is not None:
             label = stream.rsplit(":", 1)[-1]
             self.metrics.events_handled.labels(label, "conflated").inc(len(superseded))
         self.conflated_count += len(superseded)
-        for entry_id, fields in [*unreadable, *newest.values()]:
-            await self._accept(stream, entry_id, fields, deliveries=1)
+        for entry_id, fields, event in newest.values():
+            await self._accept(stream, entry_id, fields, deliveries=1, event=event)
 
     async def _recreate_groups(self) -> None:
         try:
@@ -952,13 +941,21 @@ class RedisStreamsTransport(Transport):
             self._set_connected(False, exc)
 
     async def _accept(
-        self, stream: str, entry_id: str, fields: dict[bytes, bytes] | None, deliveries: int
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[bytes, bytes] | None,
+        deliveries: int,
+        *,
+        event: Event | None = None,
     ) -> None:
+        """Hand an entry to its worker (`event`: the entry, already decoded)."""
         raw = (fields or {}).get(EVENT_FIELD, b"") if fields else b""
         if (stream, entry_id) in self._in_flight:
             return  # already being handled here (reclaimed from ourselves)
         try:
-            event = decode_entry(stream, fields)
+            if event is None:
+                event = decode_entry(stream, fields)
         except InvalidEventError as exc:
             payload = (raw or repr(fields).encode())[:MAX_DEAD_PAYLOAD_BYTES]
             await self._dead_letter(stream, entry_id, payload, deliveries, f"malformed: {exc}")
