@@ -427,8 +427,10 @@ class Event(BaseModel):
             # Every event of the system passes here twice (publisher and consumer): the
             # envelope's few plain fields are checked by hand, the same rules as the
             # declared fields, and pydantic's slower path only runs to explain an error.
-            kwargs.setdefault("event_id", new_event_id())
-            kwargs.setdefault("timestamp", time.time_ns())
+            if "event_id" not in kwargs:  # a decoded event has one: no new id to make
+                kwargs["event_id"] = new_event_id()
+            if "timestamp" not in kwargs:
+                kwargs["timestamp"] = time.time_ns()
             kwargs.setdefault("source", "")
             kwargs.setdefault("correlation_id", None)
             object.__setattr__(self, "__dict__", kwargs)
