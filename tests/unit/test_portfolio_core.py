@@ -230,3 +230,32 @@ def test_portfolio_replaying_every_fill_twice_equals_once(specs):
         twice.apply_fill(f)
         twice.apply_fill(f)
     assert twice.snapshot() == once.snapshot()
+
+
+def test_trade_stats_running_tally_equals_the_batch_formulas_over_many_trades():
+    """The running tally (constant work per trade) against the textbook formulas computed
+    over all the trades at once."""
+    import random
+    import statistics
+
+    rng = random.Random(7)
+    p = Portfolio(D(1_000_000))
+    returns: list[D] = []
+    pnls: list[D] = []
+    for i in range(400):
+        entry = D(100)
+        exit_ = D(rng.randint(80, 120)) + D(rng.randint(0, 99)) / 100
+        p.apply_fill(fill("BUY", "2", str(entry), fid=f"b{i}"))
+        p.apply_fill(fill("SELL", "2", str(exit_), fid=f"s{i}"))
+        pnls.append(2 * (exit_ - entry))
+        returns.append((exit_ - entry) / entry)
+    stats = p.stats()
+    wins = [x for x in pnls if x > 0]
+    losses = [-x for x in pnls if x < 0]
+    assert stats.closed_trades == 400
+    assert (stats.wins, stats.losses) == (len(wins), len(losses))
+    payoff = (sum(wins) / len(wins)) / (sum(losses) / len(losses))
+    assert stats.payoff_ratio is not None and abs(stats.payoff_ratio - payoff) < D("1e-20")
+    sharpe = statistics.mean(returns) / statistics.stdev(returns)
+    assert stats.sharpe_ratio is not None and abs(stats.sharpe_ratio - sharpe) < D("1e-20")
+    assert len(p.recent_trades) == 400

@@ -17,6 +17,7 @@ Conventions:
 from __future__ import annotations
 
 import decimal
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -129,32 +130,63 @@ class TradeStats:
         }
 
 
+@dataclass(slots=True)
+class TradeTally:
+    """Running statistics of closed trades, constant work and memory per trade: a
+    PNL_UPDATE goes out on every mark, and recomputing over every trade ever closed would
+    make a long-running portfolio slower with each trade. Returns use Welford's update (no
+    cancellation in the variance)."""
+
+    count: int = 0
+    wins: int = 0
+    losses: int = 0
+    sum_wins: Decimal = ZERO
+    sum_losses: Decimal = ZERO  # as a positive number
+    mean_return: Decimal = ZERO
+    m2_return: Decimal = ZERO  # sum of squared deviations from the mean
+
+    def add(self, trade: ClosedTrade) -> None:
+        self.count += 1
+        if trade.pnl > 0:
+            self.wins += 1
+            self.sum_wins = _CONTEXT.add(self.sum_wins, trade.pnl)
+        elif trade.pnl < 0:
+            self.losses += 1
+            self.sum_losses = _CONTEXT.subtract(self.sum_losses, trade.pnl)
+        delta = _CONTEXT.subtract(trade.return_ratio, self.mean_return)
+        self.mean_return = _CONTEXT.add(self.mean_return, _CONTEXT.divide(delta, self.count))
+        after = _CONTEXT.subtract(trade.return_ratio, self.mean_return)
+        self.m2_return = _CONTEXT.add(self.m2_return, _CONTEXT.multiply(delta, after))
+
+    def stats(self) -> TradeStats:
+        """Win rate, payoff ratio and Sharpe (break-even counts as neither win nor loss)."""
+        n = self.count
+        avg_win = _CONTEXT.divide(self.sum_wins, self.wins) if self.wins else ZERO
+        avg_loss = _CONTEXT.divide(self.sum_losses, self.losses) if self.losses else ZERO
+        payoff = _CONTEXT.divide(avg_win, avg_loss) if self.wins and self.losses else None
+        sharpe: Decimal | None = None
+        if n >= 2:
+            var = _CONTEXT.divide(self.m2_return, n - 1)
+            if var > 0:
+                sharpe = _CONTEXT.divide(self.mean_return, var.sqrt(_CONTEXT))
+        return TradeStats(
+            closed_trades=n,
+            wins=self.wins,
+            losses=self.losses,
+            win_rate=_CONTEXT.divide(self.wins, n) if n else ZERO,
+            avg_win=avg_win,
+            avg_loss=avg_loss,
+            payoff_ratio=payoff,
+            sharpe_ratio=sharpe,
+        )
+
+
 def trade_stats(trades: Iterable[ClosedTrade]) -> TradeStats:
-    """Win rate, payoff ratio and Sharpe of closed trades (break-even counts as neither)."""
-    trades = list(trades)
-    wins = [t.pnl for t in trades if t.pnl > 0]
-    losses = [-t.pnl for t in trades if t.pnl < 0]
-    n = len(trades)
-    avg_win = _CONTEXT.divide(sum(wins, ZERO), len(wins)) if wins else ZERO
-    avg_loss = _CONTEXT.divide(sum(losses, ZERO), len(losses)) if losses else ZERO
-    payoff = _CONTEXT.divide(avg_win, avg_loss) if wins and losses else None
-    sharpe: Decimal | None = None
-    if n >= 2:
-        returns = [t.return_ratio for t in trades]
-        mean = _CONTEXT.divide(sum(returns, ZERO), n)
-        var = _CONTEXT.divide(sum(((r - mean) ** 2 for r in returns), ZERO), n - 1)
-        if var > 0:
-            sharpe = _CONTEXT.divide(mean, var.sqrt(_CONTEXT))
-    return TradeStats(
-        closed_trades=n,
-        wins=len(wins),
-        losses=len(losses),
-        win_rate=_CONTEXT.divide(len(wins), n) if n else ZERO,
-        avg_win=avg_win,
-        avg_loss=avg_loss,
-        payoff_ratio=payoff,
-        sharpe_ratio=sharpe,
-    )
+    """`TradeStats` of `trades` (see `TradeTally`)."""
+    tally = TradeTally()
+    for trade in trades:
+        tally.add(trade)
+    return tally.stats()
 
 
 @dataclass(slots=True)
@@ -163,7 +195,9 @@ class Portfolio:
 
     starting_equity: Decimal
     positions: dict[str, Position] = field(default_factory=dict)
-    closed_trades: list[ClosedTrade] = field(default_factory=list)
+    #: the most recent closed trades (for inspection); statistics cover all of them
+    recent_trades: deque[ClosedTrade] = field(default_factory=lambda: deque(maxlen=1000))
+    tally: TradeTally = field(default_factory=TradeTally)
     fees: Decimal = ZERO
     realized_pnl: Decimal = ZERO
     peak_equity: Decimal = ZERO
@@ -215,17 +249,17 @@ class Portfolio:
         entry = _CONTEXT.divide(cost_closed, closed)
         exit_value = _CONTEXT.multiply(closed, fill.price)
         pnl = _CONTEXT.multiply(direction, _CONTEXT.subtract(exit_value, cost_closed))
-        self.closed_trades.append(
-            ClosedTrade(
-                symbol=pos.symbol,
-                qty=closed,
-                entry_price=entry,
-                exit_price=fill.price,
-                pnl=pnl,
-                return_ratio=_CONTEXT.divide(pnl, cost_closed),
-                timestamp_ns=fill.timestamp_ns,
-            )
+        trade = ClosedTrade(
+            symbol=pos.symbol,
+            qty=closed,
+            entry_price=entry,
+            exit_price=fill.price,
+            pnl=pnl,
+            return_ratio=_CONTEXT.divide(pnl, cost_closed),
+            timestamp_ns=fill.timestamp_ns,
         )
+        self.recent_trades.append(trade)
+        self.tally.add(trade)
         pos.realized_pnl = _CONTEXT.add(pos.realized_pnl, pnl)
         self.realized_pnl = _CONTEXT.add(self.realized_pnl, pnl)
         pos.cost_basis = _CONTEXT.subtract(pos.cost_basis, cost_closed)
@@ -277,7 +311,7 @@ class Portfolio:
         return max(ZERO, _CONTEXT.divide(self.peak_equity - self.equity, self.peak_equity))
 
     def stats(self) -> TradeStats:
-        return trade_stats(self.closed_trades)
+        return self.tally.stats()
 
     def _track_equity(self) -> None:
         equity = self.equity
