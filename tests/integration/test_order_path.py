@@ -230,6 +230,53 @@ async def test_order_path_killswitch_command_survives_risk_restart(redis_url, re
     await svc.stop()
 
 
+async def test_order_path_risk_trading_day_and_its_start_equity_survive_a_restart(
+    redis_url, redis_client
+):
+    """The daily drawdown is measured from the day's starting equity: a restarted risk must
+    keep it, not start the day again at the current equity."""
+    bus, svc = await start_risk(redis_url, redis_client, "a")
+    await publish(
+        redis_url,
+        tick("100"),
+        Event(
+            event_type=EventType.ORDER_REQUEST,
+            data={"order_id": "day-1", "symbol": "BTC/USDT", "side": "BUY", "size": "1"},
+        ),
+    )
+    await eventually(lambda: _events_if_any(redis_url, EventType.ORDER_APPROVED))
+    day = await redis_client.hgetall("hean:risk:day")
+    assert day[b"start_equity"] == b"10000" and int(day[b"day"]) == svc.governor.day
+    await bus.stop()
+    await svc.stop()
+
+    await redis_client.hset("hean:risk:day", "start_equity", "12000")  # as if equity had moved
+    bus, svc = await start_risk(redis_url, redis_client, "b")
+    assert svc.governor.day == int(day[b"day"])
+    assert svc.governor.day_start_equity == D(12000)
+    await publish(
+        redis_url,
+        Event(
+            event_type=EventType.ORDER_REQUEST,
+            data={"order_id": "day-2", "symbol": "BTC/USDT", "side": "BUY", "size": "1"},
+        ),
+    )
+
+    async def both_decided() -> bool:
+        decided = await events(redis_url, EventType.ORDER_APPROVED)
+        decided += await events(redis_url, EventType.ORDER_REJECTED)
+        return len(decided) == 2
+
+    await eventually(both_decided)
+    # Equity 10000 against the day's 12000 is a 16.7% drawdown, past the 5% limit.
+    rejected = await events(redis_url, EventType.ORDER_REJECTED)
+    assert [r.data["order_id"] for r in rejected] == ["day-2"]
+    assert "drawdown" in rejected[0].data["reason"], rejected[0].data["reason"]
+    assert (await redis_client.hget("hean:risk:day", "start_equity")) == b"12000"
+    await bus.stop()
+    await svc.stop()
+
+
 async def _events_if_any(url: str, etype: EventType) -> list[Event]:
     return await events(url, etype)
 

@@ -117,6 +117,7 @@ class RiskService:
     ) -> None:
         self.bus = bus
         self.governor = governor
+        self._saved_day: tuple[int, Decimal] | None = None  # what DAY_KEY holds
         self.redis = redis
         self.redis_url = redis_url
         self.metrics = metrics
@@ -183,6 +184,7 @@ class RiskService:
         if day.get("day"):
             gov.day = int(day["day"])
             gov.day_start_equity = Decimal(day["start_equity"])
+            self._saved_day = (gov.day, gov.day_start_equity)
         stream = RedisEventStream(self.redis_url or "redis://localhost", client=self.redis)
         group = self.consumer.split(":", 1)[0]
         await ensure_group(self.redis, stream_key(EventType.ORDER_FILLED), group, start_id="0")
@@ -322,12 +324,18 @@ class RiskService:
             await self.redis.hset(KILLSWITCH_KEY, "announced", "1")
 
     async def _save_day(self) -> None:
+        """Persist the trading day and its starting equity when they changed (once a day,
+        not on every order: a Redis round trip on the order path)."""
         gov = self.governor
         if self.redis is None or gov.day is None:
+            return
+        day = (gov.day, gov.day_start_equity)
+        if day == self._saved_day:
             return
         await self.redis.hset(
             DAY_KEY, mapping={"day": str(gov.day), "start_equity": str(gov.day_start_equity)}
         )
+        self._saved_day = day
 
     # --- command path --------------------------------------------------------------------------
 
