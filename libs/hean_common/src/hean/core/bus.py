@@ -589,7 +589,6 @@ class RedisStreamsTransport(Transport):
         )
         # The blocking reader gets its own connection (a shared pool would let BLOCK starve
         # other commands) and a socket timeout above its BLOCK time.
-        self._publish_once = self._client.register_script(_PUBLISH_ONCE)
         self._reader = aioredis.Redis.from_url(
             self.config.url,
             single_connection_client=True,
@@ -735,11 +734,13 @@ class RedisStreamsTransport(Transport):
                         # XADD spelled out: redis-py's xadd() argument handling costs more
                         # than the command itself at this rate.
                         if item.marker is not None:
-                            await self._publish_once(
-                                keys=[item.key, item.marker],
-                                args=[item.payload, PUBLISHED_TTL_S],
-                                client=pipe,
-                            )
+                            # EVAL, not a registered Script: redis-py sends SCRIPT EXISTS
+                            # before every pipeline holding a Script, a round trip per batch
+                            # on the order path. Redis caches the body; no NOSCRIPT to handle.
+                            pipe.execute_command(
+                                "EVAL", _PUBLISH_ONCE, 2, item.key, item.marker,
+                                item.payload, PUBLISHED_TTL_S,
+                            )  # fmt: skip
                         elif item.maxlen is None:
                             pipe.execute_command("XADD", item.key, "*", EVENT_FIELD, item.payload)
                         else:
