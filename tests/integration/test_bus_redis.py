@@ -681,3 +681,53 @@ async def test_bus_conflated_marks_are_handled_before_a_later_plain_event_of_tha
         await eventually(lambda: len(seen_at_signal) == round_, timeout=10)  # noqa: B023
 
     assert seen_at_signal == [(r, r * 10 + 4) for r in range(1, 11)]
+
+
+async def test_bus_publish_then_commands_ride_the_events_pipeline_and_gate_the_ack(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    """`publish(event, then=[...])`: the commands run right after the event's XADD, and a
+    refused one keeps the handler's input unacked, as a refused event would."""
+    features = make_bus(redis_url, "features")
+
+    refused: list[str] = []
+
+    async def on_candle(event: Event) -> None:
+        seq = event.data["seq"]
+        # The second one's HSET targets a stream (written by the first): Redis refuses it.
+        key = "hean:test:state" if seq == 1 else stream_key(EventType.SIGNAL)
+        try:
+            await features.publish(
+                Event(event_type=EventType.SIGNAL, data={"symbol": "BTC/USDT", "side": "BUY"}),
+                then=[("HSET", key, "BTC/USDT", f"after-{seq}")],
+            )
+        except Exception as exc:  # the publish itself says so, and the input stays unacked
+            refused.append(str(exc))
+
+    features.subscribe(EventType.TICK, on_candle)
+    await features.start()
+    buses.append(features)
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+    await publisher.publish(tick(1))
+    await publisher.flush()
+
+    async def state_written() -> bool:
+        return await redis_client.hget("hean:test:state", "BTC/USDT") == b"after-1"
+
+    await eventually(state_written, timeout=10)
+    await publisher.publish(tick(2))
+    await publisher.flush()
+
+    async def second_signal_out() -> bool:
+        return await redis_client.xlen(stream_key(EventType.SIGNAL)) >= 2
+
+    await eventually(second_signal_out, timeout=10)
+    await asyncio.sleep(0.3)
+    pending: Any = await redis_client.xpending(TICKS, "features")
+    assert pending["pending"] == 1  # tick 2: its output's HSET was refused, so not acked
+    assert refused and "WRONGTYPE" in refused[0]
+
+    with pytest.raises(ValueError, match="in-memory"):
+        await EventBus().publish(tick(3), then=[("HSET", "k", "f", "v")])

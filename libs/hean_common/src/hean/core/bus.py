@@ -41,7 +41,7 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -72,6 +72,9 @@ from hean.core.types import Event, EventType, InvalidEventError, current_event
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Event], Awaitable[None] | None]
+
+#: Redis commands (name, then arguments) for `EventBus.publish(..., then=...)`.
+Commands = Sequence[Sequence[Any]]
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -282,7 +285,7 @@ class Transport(ABC):
         await self.flush(drain_timeout)
 
     @abstractmethod
-    async def publish(self, event: Event) -> None: ...
+    async def publish(self, event: Event, then: Commands = ()) -> None: ...
 
     @abstractmethod
     async def flush(self, timeout: float | None = None) -> None: ...
@@ -382,7 +385,9 @@ class InMemoryTransport(Transport):
             self._workers = _Workers(len(self._workers.queues), self._handle, "memory")
             self._started = False
 
-    async def publish(self, event: Event) -> None:
+    async def publish(self, event: Event, then: Commands = ()) -> None:
+        if then:
+            raise ValueError("the in-memory transport has no Redis to run `then` commands on")
         if not self.dispatcher.has(event.event_type):
             return
         if self._workers.size >= self.max_queue_size:
@@ -455,6 +460,8 @@ class _Outgoing:
     marker: str | None
     # Only for events published by a handler: its input is acked once this resolves.
     future: asyncio.Future[str] | None
+    #: Redis commands sent right after the XADD, in the same pipeline (EventBus.publish).
+    then: Commands = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -690,14 +697,15 @@ class RedisStreamsTransport(Transport):
 
     # --- publishing ---------------------------------------------------------------------------
 
-    async def publish(self, event: Event) -> None:
+    async def publish(self, event: Event, then: Commands = ()) -> None:
         if len(self._outbox) >= self.config.max_queue_size:
             raise QueueFullError("the Redis outbox", self.config.max_queue_size)
         delivery = _current_delivery.get()
         future: asyncio.Future[str] | None = None
-        if delivery is not None:
+        if delivery is not None or then:
             future = asyncio.get_running_loop().create_future()
-            delivery.outputs.append(future)
+            if delivery is not None:
+                delivery.outputs.append(future)
         event_type = event.event_type
         encoded = event.to_json()
         check_size(encoded)
@@ -710,6 +718,7 @@ class RedisStreamsTransport(Transport):
                 event_type.value,
                 None if maxlen is not None else PUBLISHED_KEY_PREFIX + event.event_id,
                 future,
+                tuple(tuple(command) for command in then),
             )
         )
         self._published_seq += 1
@@ -717,6 +726,8 @@ class RedisStreamsTransport(Transport):
             self._outbox_wakeup.set()
         if self.metrics is not None:
             self._report_sizes()
+        if future is not None and then:
+            await asyncio.shield(future)  # written, with its commands (EventBus.publish)
 
     async def _flush_loop(self) -> None:
         backoff = Backoff(maximum=self.config.reconnect_max_s)
@@ -748,7 +759,9 @@ class RedisStreamsTransport(Transport):
                                 "XADD", item.key, "MAXLEN", "~", item.maxlen, "*",
                                 EVENT_FIELD, item.payload,
                             )  # fmt: skip
-                    results = await pipe.execute(raise_on_error=False)
+                        for command in item.then:
+                            pipe.execute_command(*command)
+                    replies = iter(await pipe.execute(raise_on_error=False))
             except _REDIS_DOWN as exc:
                 self._set_connected(False, exc)
                 await asyncio.sleep(backoff.next_delay())
@@ -756,9 +769,25 @@ class RedisStreamsTransport(Transport):
             backoff.reset()
             self._set_connected(True)
             published: dict[str, int] = {}
-            for item, result in zip(batch, results, strict=True):
+            for item in batch:
+                result = next(replies)
+                then_errors = [
+                    r for r in (next(replies) for _ in item.then) if isinstance(r, Exception)
+                ]
                 self._outbox.popleft()
                 self._flushed_seq += 1
+                if then_errors and not isinstance(result, Exception):
+                    # The event is in Redis, but what had to be written with it is not: a
+                    # handler's input stays unacked, as if the event itself had failed.
+                    log.error(
+                        "Redis refused a command sent with a %s event: %s",
+                        item.event_type,
+                        then_errors[0],
+                    )
+                    if item.future is not None and not item.future.done():
+                        item.future.set_exception(then_errors[0])
+                    published[item.event_type] = published.get(item.event_type, 0) + 1
+                    continue
                 if isinstance(result, Exception):
                     # Redis refused this entry (not a connection problem): retrying cannot
                     # help. A handler's output failing keeps its input unacked.
@@ -1397,8 +1426,15 @@ class EventBus:
     def subscriptions(self) -> list[EventType]:
         return self._dispatcher.event_types
 
-    async def publish(self, event: Event) -> Event:
+    async def publish(self, event: Event, *, then: Commands = ()) -> Event:
         """Validate, stamp (source, correlation id) and hand `event` to the transport.
+
+        `then`: Redis commands (`("HSET", key, field, value)`, ...) sent right after the
+        event's XADD in the same pipeline, so they are written only once the event is and
+        cost no round trip of their own: state that must never be saved ahead of the event
+        it belongs to (features' engine state). The Redis transport only. With `then`,
+        publish returns once the event and the commands are in Redis, and raises Redis's
+        error if it refused one of them.
 
         Returns the stamped event. Raises `QueueFullError` ("Queue is full") when the bounded
         queue or outbox is full, and `TypeError` for anything but an `Event`.
@@ -1410,7 +1446,7 @@ class EventBus:
         if not self._started:
             await self.start()
         stamped = event.with_context(source=self.source)
-        await self.transport.publish(stamped)
+        await self.transport.publish(stamped, then)
         return stamped
 
     async def start(self) -> None:

@@ -8,8 +8,11 @@ restarts without a new warm-up.
 
 Batching (FEATURE_BATCH_SIZE, FEATURE_BATCH_TIMEOUT ms): feature rows ready at the same
 time (several symbols, handled on parallel bus workers) go out together, one bus flush and
-one state write per batch. A batch is sent when it is full or when its oldest row has
-waited FEATURE_BATCH_TIMEOUT, so a lone row is never delayed longer than that.
+one state write per batch; the state write (HSET) rides in the same Redis pipeline, right
+after the batch's last XADD (`EventBus.publish(..., then=...)`), so a batch costs one round
+trip and the state is never written ahead of its events. A batch is sent when it is full
+or when its oldest row has waited FEATURE_BATCH_TIMEOUT, so a lone row is never delayed
+longer than that.
 A batch also counts as full once it holds a row of every symbol seen lately (see
 `EventBatcher`). FEATURE_BATCH_TIMEOUT=0 sends every row at once.
 """
@@ -69,6 +72,11 @@ class EngineStore:
             await self.client.hset(
                 self.key, mapping={s: orjson.dumps(dict(v)) for s, v in states.items()}
             )
+
+    def save_command(self, states: Mapping[str, Mapping[str, Any]]) -> tuple[Any, ...]:
+        """`save` as one Redis command, to send in the pipeline of a publish (`then`)."""
+        fields = [x for s, v in states.items() for x in (s, orjson.dumps(dict(v)))]
+        return ("HSET", self.key, *fields)
 
 
 @dataclass(slots=True)
@@ -265,12 +273,16 @@ class FeaturesService:
         self.core.restore(candle.symbol, self._persisted.get(candle.symbol))
 
     async def _send(self, items: list[_Item]) -> None:
+        states = {item.symbol: item.state for item in items}  # the latest per symbol
         try:
-            for item in items:
+            # The engine state goes in the pipeline right after the batch's last event: it
+            # is never saved before the events, and costs no round trip of its own.
+            # Returns once all of it is in Redis (the outbox is written in order).
+            *rows, last = items
+            for item in rows:
                 await self.bus.publish(item.event)
-            await self.bus.flush(self.flush_timeout_s)
-            states = {item.symbol: item.state for item in items}  # the latest per symbol
-            await self.store.save(states)
+            save = [self.store.save_command(states)]
+            await asyncio.wait_for(self.bus.publish(last.event, then=save), self.flush_timeout_s)
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             raise
