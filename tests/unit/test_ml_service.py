@@ -20,7 +20,7 @@ from hean.core.features import FEATURE_NAMES, compute_feature_rows
 from hean.core.orchestrator import TradingOrchestrator
 from hean.core.types import Event, EventType
 from hean.ml.model import ModelRunner, Prediction, card_path_for, default_model_path
-from hean.ml.service import COMPONENT, MLService
+from hean.ml.service import COMPONENT, INLINE_STREAK, MLService
 from tests.helpers import eventually
 
 
@@ -49,7 +49,14 @@ def model_path(tmp_path: Path) -> Path:
 
 
 class Rig:
-    def __init__(self, model_path: Path, *, timeout_ms: float = 1000, reload_s: float = 0) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        timeout_ms: float = 1000,
+        reload_s: float = 0,
+        inline_max_ms: float = 1.0,
+    ) -> None:
         self.bus = EventBus()
         self.orchestrator = TradingOrchestrator(self.bus, service_name="ml-service")
         self.runner: SlowRunner | None = None
@@ -64,6 +71,7 @@ class Rig:
             factory,
             inference_timeout_ms=timeout_ms,
             reload_interval_s=reload_s,
+            inline_max_ms=inline_max_ms,
         )
         self.orchestrator.register_component(
             name=COMPONENT, component=self.service, failure_threshold=2, timeout=60.0
@@ -187,5 +195,53 @@ async def test_reload_changed_model_file_served_without_restart(
         assert entry["state"] == "degraded"
         assert "reload failed" in entry["error_message"]
         assert runner.model_format == "lightgbm-text"  # the old model keeps serving
+    finally:
+        await rig.orchestrator.stop()
+
+
+async def test_fast_model_moves_inline_and_a_slow_one_back_to_the_thread_under_the_timeout(
+    model_path: Path, rows: list[dict[str, float]]
+) -> None:
+    # A generous inline limit (50 ms) so that a busy test machine cannot break the streak.
+    rig = Rig(model_path, timeout_ms=200, inline_max_ms=50)
+    await rig.orchestrator.start()
+    try:
+        assert rig.runner is not None
+        service = rig.service
+        some = [rows[i % len(rows)] for i in range(INLINE_STREAK)]
+        threaded = [await service._infer(rig.runner, row) for row in some]
+        assert service.inline  # INLINE_STREAK fast answers from the thread
+        inline = [await service._infer(rig.runner, row) for row in some]
+        assert service.inline
+        assert [p.prediction for p in inline] == [p.prediction for p in threaded]
+
+        rig.runner.delay_s = 0.08  # slower than the inline limit, within the timeout
+        await service.on_features(rig.features(rows[0]))
+        await rig.bus.flush(5)
+        assert not service.inline  # back to the thread, and the answer still went out
+        assert len(rig.predictions) == 1
+
+        rig.runner.delay_s = 0.0
+        for row in some:
+            await service._infer(rig.runner, row)
+        assert service.inline
+        rig.runner.delay_s = 0.25  # inline and past ML_INFERENCE_TIMEOUT: still a timeout
+        with pytest.raises(TransientError, match="ML_INFERENCE_TIMEOUT=200 ms"):
+            await service.on_features(rig.features(rows[1]))
+        assert not service.inline and service.timeouts == 1
+    finally:
+        await rig.orchestrator.stop()
+
+
+async def test_inline_disabled_with_zero_limit(
+    model_path: Path, rows: list[dict[str, float]]
+) -> None:
+    rig = Rig(model_path, inline_max_ms=0)
+    await rig.orchestrator.start()
+    try:
+        assert rig.runner is not None
+        for i in range(INLINE_STREAK * 2):
+            await rig.service._infer(rig.runner, rows[i % len(rows)])
+        assert not rig.service.inline
     finally:
         await rig.orchestrator.stop()

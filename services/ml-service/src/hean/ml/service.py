@@ -8,6 +8,12 @@
   orchestrator's circuit breaker of component `ml_engine`: a timeout is a `TransientError`
   (retried by the bus, counted by the breaker); while the breaker is open, events are
   retried later rather than answered.
+- A fast model runs on the event loop instead: once `INLINE_STREAK` inferences in a row took
+  at most `ML_INLINE_MAX_MS` in the thread, inference runs inline (the thread hand-off costs
+  more than such a model: two context switches and a GIL hand-over per event). An inline
+  inference slower than that sends it back to the thread; one slower than the timeout still
+  counts as a timeout. A new model starts in the thread. `ML_INLINE_MAX_MS=0`: always the
+  thread.
 - The model file is checked for changes every `ML_RELOAD_INTERVAL_S` and swapped in without
   a restart; a broken new file leaves the old model serving and the component degraded.
 - Replicas share the consumer group `ml-service`, so each FEATURES_READY is handled by one
@@ -41,6 +47,8 @@ from hean.ml.model import FeatureMismatchError, ModelRunner, Prediction, default
 log = logging.getLogger(__name__)
 
 COMPONENT = "ml_engine"
+#: Inferences in a row within ML_INLINE_MAX_MS (in the thread) before running inline.
+INLINE_STREAK = 20
 
 
 class MLServiceSettings(CoreSettings, MLSettings):
@@ -53,6 +61,9 @@ class MLServiceSettings(CoreSettings, MLSettings):
         default=4096, alias="ML_CACHE_SIZE"
     )
     ml_include_features: bool = Field(default=True, alias="ML_INCLUDE_FEATURES")
+    ml_inline_max_ms: Annotated[float, Field(ge=0, le=100)] = Field(
+        default=1.0, alias="ML_INLINE_MAX_MS"
+    )
 
     @property
     def model_path(self) -> Path:
@@ -71,6 +82,7 @@ class MLService:
         inference_timeout_ms: float = 100.0,
         reload_interval_s: float = 5.0,
         include_features: bool = True,
+        inline_max_ms: float = 1.0,
         metrics: Metrics | None = None,
         component: str = COMPONENT,
     ) -> None:
@@ -81,6 +93,9 @@ class MLService:
         self.timeout_ms = inference_timeout_ms
         self.reload_interval_s = reload_interval_s
         self.include_features = include_features
+        self.inline_max_s = inline_max_ms / 1000
+        self.inline = False  # inference on the event loop (see the module docstring)
+        self._fast_streak = 0
         self.metrics = metrics
         self.component = component
         self.runner: ModelRunner | None = None
@@ -165,10 +180,13 @@ class MLService:
             self.metrics.predictions_total.labels(prediction.model_version).inc()
 
     async def _infer(self, runner: ModelRunner, features: Mapping[str, float]) -> Prediction:
-        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._executor, runner.predict, features), self.timeout_s
+            if self.inline:
+                return self._infer_inline(runner, features)
+            loop = asyncio.get_running_loop()
+            prediction, took_s = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, _timed_predict, runner, features),
+                self.timeout_s,
             )
         except TimeoutError:
             self.timeouts += 1
@@ -179,6 +197,32 @@ class MLService:
             raise PermanentError(str(exc)) from exc
         except ValueError as exc:  # NaN or infinite feature values
             raise PermanentError(f"bad feature values: {exc}") from exc
+        if took_s <= self.inline_max_s and runner is self.runner:
+            self._fast_streak += 1
+            if self._fast_streak >= INLINE_STREAK:
+                self.inline = True
+                log.info(
+                    "model %s answers within ML_INLINE_MAX_MS=%g: inference runs inline",
+                    runner.model_version,
+                    self.inline_max_s * 1000,
+                )
+        else:
+            self._fast_streak = 0
+        return prediction
+
+    def _infer_inline(self, runner: ModelRunner, features: Mapping[str, float]) -> Prediction:
+        prediction, took_s = _timed_predict(runner, features)
+        if took_s > self.inline_max_s:
+            self.inline = False
+            self._fast_streak = 0
+            log.info(
+                "inference took %.2f ms (ML_INLINE_MAX_MS=%g): back to the worker thread",
+                took_s * 1000,
+                self.inline_max_s * 1000,
+            )
+        if took_s > self.timeout_s:
+            raise TimeoutError
+        return prediction
 
     async def _reload_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,6 +239,8 @@ class MLService:
                 log.exception("model reload check failed")
                 continue
             if changed:
+                self.inline = False  # a new model proves itself in the thread first
+                self._fast_streak = 0
                 self.reloads += 1
                 self.m_model.labels(old).set(0)
                 self.m_model.labels(runner.model_version).set(1)
@@ -218,6 +264,12 @@ class MLService:
         return {"state": "healthy", "error_message": about}
 
 
+def _timed_predict(runner: ModelRunner, features: Mapping[str, float]) -> tuple[Prediction, float]:
+    started = time.perf_counter()
+    prediction = runner.predict(features)
+    return prediction, time.perf_counter() - started
+
+
 def build(ctx: ServiceContext) -> None:
     settings = cast(MLServiceSettings, ctx.settings)
 
@@ -236,6 +288,7 @@ def build(ctx: ServiceContext) -> None:
         inference_timeout_ms=settings.ml_inference_timeout_ms,
         reload_interval_s=settings.ml_reload_interval_s,
         include_features=settings.ml_include_features,
+        inline_max_ms=settings.ml_inline_max_ms,
         metrics=ctx.metrics,
     )
     ctx.orchestrator.register_component(
