@@ -277,6 +277,44 @@ async def test_order_path_risk_trading_day_and_its_start_equity_survive_a_restar
     await svc.stop()
 
 
+async def test_order_path_risk_starts_past_malformed_pnl_updates_from_the_last_valid_one(
+    redis_url, redis_client
+):
+    """Anyone who can write to Redis can append a bad PNL_UPDATE; risk must still start,
+    from the newest valid one."""
+    await publish(
+        redis_url,
+        Event(
+            event_type=EventType.PNL_UPDATE,
+            data={
+                "total_pnl": "-200",
+                "realized_pnl": "-200",
+                "unrealized_pnl": "0",
+                "equity": "9800",
+            },
+        ),
+    )
+    key = stream_key(EventType.PNL_UPDATE)
+    await redis_client.xadd(key, {"event": b"{not json"})
+    await redis_client.xadd(key, {"event": b'{"event_type": "PNL_UPDATE", "data": {}}'})
+    bus, svc = await start_risk(redis_url, redis_client)
+    try:
+        assert svc.governor.equity == D(9800)
+        await publish(
+            redis_url,
+            tick("100"),
+            Event(
+                event_type=EventType.ORDER_REQUEST,
+                data={"order_id": "after-junk", "symbol": "BTC/USDT", "side": "BUY", "size": "1"},
+            ),
+        )
+        approved = await eventually(lambda: _events_if_any(redis_url, EventType.ORDER_APPROVED))
+        assert [a.data["order_id"] for a in approved] == ["after-junk"]
+    finally:
+        await bus.stop()
+        await svc.stop()
+
+
 async def _events_if_any(url: str, etype: EventType) -> list[Event]:
     return await events(url, etype)
 

@@ -42,7 +42,7 @@ from hean.core.event_streams import (
 from hean.core.metrics import Metrics
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, RiskSettings
-from hean.core.types import Event, EventType, Side
+from hean.core.types import Event, EventType, InvalidEventError, Side
 from hean.risk.kelly import KellyParams
 from hean.risk.risk_governor import KillSwitchState, NoOrder, RiskGovernor, RiskLimits
 
@@ -191,9 +191,8 @@ class RiskService:
         fills = 0
         async for event in stream.replay_events(EventType.ORDER_FILLED):
             fills += self._apply_fill(event)
-        last = await self.redis.xrevrange(stream_key(EventType.PNL_UPDATE), count=1)
-        if last:
-            pnl = decode_entry(stream_key(EventType.PNL_UPDATE), cast(Any, last[0][1]))
+        pnl = await self._last_pnl_update()
+        if pnl is not None:
             triggered = gov.on_pnl(pnl.data, pnl.timestamp)
             if triggered is not None:
                 await self._persist_and_announce(triggered)
@@ -322,6 +321,26 @@ class RiskService:
         )
         if self.redis is not None:
             await self.redis.hset(KILLSWITCH_KEY, "announced", "1")
+
+    async def _last_pnl_update(self, scan: int = 1000) -> Event | None:
+        """The newest valid PNL_UPDATE in the stream. Anyone who can write to Redis can add
+        a malformed entry (the bus dead-letters it for consumers), and it must not stop risk
+        from starting: undecodable entries are skipped with a warning, up to `scan` back."""
+        assert self.redis is not None
+        key = stream_key(EventType.PNL_UPDATE)
+        newest, page, seen = "+", 1, 0  # the newest entry is almost always valid: ask for 1
+        while seen < scan:
+            entries: Any = await self.redis.xrevrange(key, max=newest, count=page)
+            for entry_id, fields in entries:
+                try:
+                    return decode_entry(key, fields)
+                except InvalidEventError as exc:
+                    log.warning("restore: skipping undecodable %s entry %s: %s", key, entry_id, exc)
+            if len(entries) < page:
+                return None
+            seen += len(entries)
+            newest, page = f"({as_str(entries[-1][0])}", 100
+        return None
 
     async def _save_day(self) -> None:
         """Persist the trading day and its starting equity when they changed (once a day,
