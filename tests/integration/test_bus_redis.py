@@ -731,3 +731,46 @@ async def test_bus_publish_then_commands_ride_the_events_pipeline_and_gate_the_a
 
     with pytest.raises(ValueError, match="in-memory"):
         await EventBus().publish(tick(3), then=[("HSET", "k", "f", "v")])
+
+
+async def test_bus_write_on_ack_goes_with_the_ack_and_a_failed_handlers_write_is_dropped(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    strategy = make_bus(redis_url, "strategy", retry_delay_ms=20)
+    attempts: list[int] = []
+
+    async def on_tick(event: Event) -> None:
+        seq = event.data["seq"]
+        attempts.append(seq)
+        # RPUSH is not idempotent: the list shows every write that reached Redis.
+        strategy.write_on_ack("RPUSH", "hean:test:writes", f"{seq}-attempt-{len(attempts)}")
+        await strategy.publish(
+            Event(event_type=EventType.SIGNAL, data={"symbol": "BTC/USDT", "side": "BUY"})
+        )
+        if seq == 2 and attempts.count(2) == 1:
+            raise RuntimeError("first attempt at tick 2 fails after its write")
+
+    strategy.subscribe(EventType.TICK, on_tick)
+    await strategy.start()
+    buses.append(strategy)
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+    for seq in (1, 2):
+        await publisher.publish(tick(seq))
+    await publisher.flush()
+
+    async def settled() -> bool:
+        groups = {g["name"]: g for g in await redis_client.xinfo_groups(TICKS)}
+        return bool(groups[b"strategy"]["pending"] == 0 and groups[b"strategy"]["lag"] == 0)
+
+    await eventually(settled, timeout=10)
+    raw: Any = await redis_client.lrange("hean:test:writes", 0, -1)
+    writes = [w.decode() for w in raw]
+    assert attempts == [1, 2, 2]
+    assert writes == ["1-attempt-1", "2-attempt-3"]  # the failed attempt's write never went
+
+    with pytest.raises(RuntimeError, match="for handlers"):
+        strategy.write_on_ack("SET", "k", "v")
+    with pytest.raises(ValueError, match="no Redis"):
+        EventBus().write_on_ack("SET", "k", "v")

@@ -116,6 +116,8 @@ class Delivery:
     deliveries: int = 1
     done: set[str] = field(default_factory=set)
     outputs: list[asyncio.Future[str]] = field(default_factory=list)
+    #: Redis commands to send with this event's ack (`EventBus.write_on_ack`).
+    ack_commands: list[tuple[Any, ...]] = field(default_factory=list)
     last_error: str | None = None
     max_deliveries: int = 0  # 0: unknown
 
@@ -219,6 +221,7 @@ class Dispatcher:
             for sub in list(self._subs.get(event.event_type, ())):
                 if sub.name in delivery.done:
                     continue
+                writes = len(delivery.ack_commands)
                 try:
                     result = sub.handler(event)
                     if inspect.isawaitable(result):
@@ -226,6 +229,7 @@ class Dispatcher:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a handler error never crashes the bus
+                    del delivery.ack_commands[writes:]  # a failed handler's writes: its retry's
                     failures.append((sub.name, exc))
                     log.warning(
                         "handler %s failed on %s %s (delivery %d): %s: %s",
@@ -289,6 +293,10 @@ class Transport(ABC):
 
     @abstractmethod
     async def flush(self, timeout: float | None = None) -> None: ...
+
+    def write_on_ack(self, command: Sequence[Any]) -> None:
+        """See `EventBus.write_on_ack`."""
+        raise ValueError(f"{type(self).__name__} has no Redis to send {command[0]!r} to")
 
     def subscribed(self, event_type: EventType) -> None:  # noqa: B027 - optional hook
         """A handler for `event_type` was added (the Redis transport starts reading it)."""
@@ -514,6 +522,19 @@ class RedisBusConfig:
         return cls(**values)
 
 
+@dataclass(slots=True)
+class _AckBatch:
+    """Acks taken for one pipeline: entry ids per stream, and the writes to send first."""
+
+    acks: dict[str, list[str]]
+    commands: list[tuple[Any, ...]]
+
+    @property
+    def commands_count(self) -> int:
+        """How many replies the batch's commands get in a pipeline."""
+        return len(self.commands) + sum(1 for ids in self.acks.values() if ids)
+
+
 def _wake(
     waiters: list[tuple[int, asyncio.Future[None]]], reached: int
 ) -> list[tuple[int, asyncio.Future[None]]]:
@@ -548,6 +569,7 @@ class RedisStreamsTransport(Transport):
         self._acks_queued = 0  # acks handed to the ack loop so far
         self._acks_sent = 0  # of those, how many Redis has answered for
         self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._ack_commands: list[tuple[Any, ...]] = []  # EventBus.write_on_ack, in order
         self._conflate_lock = asyncio.Lock()
         self._in_flight: set[tuple[str, str]] = set()
         self._capacity = asyncio.Event()
@@ -697,6 +719,12 @@ class RedisStreamsTransport(Transport):
 
     # --- publishing ---------------------------------------------------------------------------
 
+    def write_on_ack(self, command: Sequence[Any]) -> None:
+        delivery = _current_delivery.get()
+        if delivery is None:
+            raise RuntimeError("write_on_ack() is for handlers: no event is being handled")
+        delivery.ack_commands.append(tuple(command))
+
     async def publish(self, event: Event, then: Commands = ()) -> None:
         if len(self._outbox) >= self.config.max_queue_size:
             raise QueueFullError("the Redis outbox", self.config.max_queue_size)
@@ -739,14 +767,12 @@ class RedisStreamsTransport(Transport):
             batch = [self._outbox[i] for i in range(min(500, len(self._outbox)))]
             # Queued acks ride along (their inputs' outputs are in Redis already): one
             # pipeline instead of two per handled event in a service that publishes.
-            acks, self._acks = self._acks, {}
+            acks = self._take_acks()
             try:
                 # Redis may have been down at start: the groups come before our first event.
                 await self._ensure_topology()
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for stream, ids in acks.items():
-                        if ids:
-                            pipe.execute_command("XACK", stream, self.config.group, *ids)
+                    self._pipe_acks(pipe, acks)
                     for item in batch:
                         # XADD spelled out: redis-py's xadd() argument handling costs more
                         # than the command itself at this rate.
@@ -775,7 +801,7 @@ class RedisStreamsTransport(Transport):
                 continue
             backoff.reset()
             self._set_connected(True)
-            self._acks_done(acks, [next(replies) for ids in acks.values() if ids])
+            self._acks_done(acks, [next(replies) for _ in range(acks.commands_count)])
             published: dict[str, int] = {}
             for item in batch:
                 result = next(replies)
@@ -811,7 +837,7 @@ class RedisStreamsTransport(Transport):
                 if item.future is not None and not item.future.done():
                     item.future.set_result("" if result is None else as_str(result))
             self._flush_waiters = _wake(self._flush_waiters, self._flushed_seq)
-            if not self._outbox and any(self._acks.values()):
+            if not self._outbox and (any(self._acks.values()) or self._ack_commands):
                 self._ack_wakeup.set()  # acks queued meanwhile: no flush to carry them
             if self.metrics is not None:
                 for etype, count in published.items():
@@ -1054,6 +1080,7 @@ class RedisStreamsTransport(Transport):
 
     def _finish(self, delivery: Delivery, *, ack: bool = True) -> None:
         if ack:
+            self._ack_commands.extend(delivery.ack_commands)  # sent ahead of the XACK
             self._queue_ack(delivery.stream, delivery.entry_id)
         self._in_flight.discard((delivery.stream, delivery.entry_id))
         if len(self._in_flight) < self.max_in_flight:
@@ -1139,18 +1166,16 @@ class RedisStreamsTransport(Transport):
     async def _ack_loop(self) -> None:
         backoff = Backoff(maximum=self.config.reconnect_max_s)
         while True:
-            if not any(self._acks.values()) or self._outbox:
+            if not (any(self._acks.values()) or self._ack_commands) or self._outbox:
                 # Nothing to ack, or events are about to be flushed: the acks go with them
                 # (the flush loop wakes us if it leaves any behind).
                 self._ack_wakeup.clear()
                 await self._ack_wakeup.wait()
                 continue
-            batch, self._acks = self._acks, {}
+            batch = self._take_acks()
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for stream, ids in batch.items():
-                        if ids:
-                            pipe.execute_command("XACK", stream, self.config.group, *ids)
+                    self._pipe_acks(pipe, batch)
                     replies = await pipe.execute(raise_on_error=False)
             except _REDIS_DOWN as exc:
                 self._set_connected(False, exc)
@@ -1160,16 +1185,32 @@ class RedisStreamsTransport(Transport):
             backoff.reset()
             self._acks_done(batch, replies)
 
-    def _requeue_acks(self, batch: dict[str, list[str]]) -> None:
-        """Acks whose pipeline failed go back to the front: XACK is idempotent."""
-        for stream, ids in batch.items():
-            self._acks.setdefault(stream, [])[:0] = ids
+    def _take_acks(self) -> _AckBatch:
+        batch = _AckBatch(self._acks, self._ack_commands)
+        self._acks, self._ack_commands = {}, []
+        return batch
 
-    def _acks_done(self, batch: dict[str, list[str]], replies: list[Any]) -> None:
+    def _pipe_acks(self, pipe: Any, batch: _AckBatch) -> None:
+        """The handlers' writes (`write_on_ack`), then the XACKs: a connection lost in
+        between leaves the entry pending, and its redelivery finds the write done."""
+        for command in batch.commands:
+            pipe.execute_command(*command)
+        for stream, ids in batch.acks.items():
+            if ids:
+                pipe.execute_command("XACK", stream, self.config.group, *ids)
+
+    def _requeue_acks(self, batch: _AckBatch) -> None:
+        """Acks whose pipeline failed go back to the front: XACK is idempotent, and so
+        must the writes sent with them be."""
+        for stream, ids in batch.acks.items():
+            self._acks.setdefault(stream, [])[:0] = ids
+        self._ack_commands[:0] = batch.commands
+
+    def _acks_done(self, batch: _AckBatch, replies: list[Any]) -> None:
         for reply in replies:
             if isinstance(reply, Exception):  # not a lost connection: a resend cannot help
-                log.error("Redis refused an XACK: %s", reply)
-        self._acks_sent += sum(len(ids) for ids in batch.values())
+                log.error("Redis refused a command sent with acks: %s", reply)
+        self._acks_sent += sum(len(ids) for ids in batch.acks.values())
         self._ack_waiters = _wake(self._ack_waiters, self._acks_sent)
 
     async def _claim_loop(self) -> None:
@@ -1448,6 +1489,15 @@ class EventBus:
     @property
     def subscriptions(self) -> list[EventType]:
         return self._dispatcher.event_types
+
+    def write_on_ack(self, *command: Any) -> None:
+        """Inside a handler: send the Redis `command` (`"HSET", key, field, value`) with
+        this event's ack, in the same pipeline and just before the XACK, once everything
+        the handler published is in Redis. A crash before that loses neither half: the
+        event is redelivered and the write was not made. A handler that raises has its
+        writes dropped. The write must be idempotent (the pipeline may be sent again after
+        a lost connection). Costs no round trip of its own. The Redis transport only."""
+        self.transport.write_on_ack(command)
 
     async def publish(self, event: Event, *, then: Commands = ()) -> Event:
         """Validate, stamp (source, correlation id) and hand `event` to the transport.

@@ -1,8 +1,11 @@
 """strategy wiring: ML_PREDICTION in, SIGNAL out; per-symbol state in Redis.
 
-The state after each prediction is saved before the handler returns (so before the ack).
-A crash between publishing a SIGNAL and saving the state redelivers the prediction, which
-signals again with the same event id (`signal_event_id`), so downstream sees one signal.
+The state after each prediction is written with the prediction's ack, in the same Redis
+pipeline and after the SIGNAL is in Redis (`EventBus.write_on_ack`). A crash before that
+redelivers the prediction to the old state, which signals again with the same event id
+(`signal_event_id`), so downstream sees one signal and none is lost. (The state used to be
+written by the handler itself, which could reach Redis before the SIGNAL did: a crash in
+between lost the signal. It also cost a round trip per prediction.)
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ class StateStore:
         raw = await self.client.hgetall(self.key)
         return {as_str(k): SymbolState.from_dict(orjson.loads(v)) for k, v in raw.items()}
 
-    async def save(self, symbol: str, state: SymbolState) -> None:
-        await self.client.hset(self.key, symbol, orjson.dumps(state.to_dict()))
+    def save_command(self, symbol: str, state: SymbolState) -> tuple[Any, ...]:
+        return ("HSET", self.key, symbol, orjson.dumps(state.to_dict()))
 
 
 def prediction_input(event: Event, received_ns: int) -> PredictionInput:
@@ -169,7 +172,10 @@ class StrategyService:
             if self.metrics is not None:
                 self.metrics.signals_total.labels(pred.symbol, decision.signal["side"]).inc()
         if decision.state != state:
-            await self.store.save(pred.symbol, decision.state)
+            # Written with this prediction's ack, after the SIGNAL is in Redis: a crash
+            # before that redelivers the prediction to the old state, so the signal is made
+            # again (same id) rather than lost behind a state that had already moved on.
+            self.bus.write_on_ack(*self.store.save_command(pred.symbol, decision.state))
             self.states[pred.symbol] = decision.state
 
     def health_check(self) -> dict[str, Any]:
