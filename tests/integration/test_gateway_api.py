@@ -431,6 +431,19 @@ async def test_killswitch_trigger_reason_validated(gateway):
     assert resp.status_code == 422
 
 
+async def test_body_that_is_not_utf8_is_a_422_not_a_500(gateway):
+    # Found by the fuzzing in tests/chaos/test_access.py: FastAPI's own 422 handler echoed
+    # the raw body back and failed on bytes that are not UTF-8.
+    resp = await gateway.http.post(
+        "/killswitch/trigger",
+        content=b"\xff\xfe{not json",
+        headers={**gateway.auth(), "Content-Type": "text/plain"},
+    )
+    assert resp.status_code == 422
+    (error,) = resp.json()["detail"]
+    assert error["loc"] == ["body"] and "dictionary" in error["msg"]
+
+
 # --- Redis outage ----------------------------------------------------------------------------
 
 

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Final, cast
 
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import Counter
 from pydantic import AfterValidator, BaseModel, Field
@@ -102,6 +104,10 @@ class GatewayMetrics:
             ["command", "outcome"],
             registry=metrics.registry,
         )
+
+
+def _printable(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
 
 
 def _error(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
@@ -210,6 +216,14 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         )
         return _error(500, "internal_error", "internal error; the gateway log has the details")
 
+    async def on_invalid_request(request: Request, exc: Exception) -> Response:
+        # FastAPI's own handler echoes the rejected input and fails (a 500) on a body that
+        # is not UTF-8; the same 422 shape, with undecodable bytes shown replaced.
+        errors = cast(RequestValidationError, exc).errors()
+        detail = jsonable_encoder(errors, custom_encoder={bytes: _printable})
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, on_invalid_request)
     app.add_exception_handler(RedisConnectionError, on_redis_down)
     app.add_exception_handler(RedisTimeoutError, on_redis_down)
     app.add_exception_handler(ConnectionError, on_redis_down)
