@@ -30,34 +30,9 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.bybit_ws import INSTRUMENT
+
 D = Decimal
-INSTRUMENT: dict[str, Any] = {
-    "symbol": "BTCUSDT",
-    "contractType": "LinearPerpetual",
-    "status": "Trading",
-    "baseCoin": "BTC",
-    "quoteCoin": "USDT",
-    "settleCoin": "USDT",
-    "launchTime": "1585526400000",
-    "deliveryTime": "0",
-    "deliveryFeeRate": "",
-    "priceScale": "2",
-    "leverageFilter": {"minLeverage": "1", "maxLeverage": "100.00", "leverageStep": "0.01"},
-    "priceFilter": {"minPrice": "0.10", "maxPrice": "199999.80", "tickSize": "0.10"},
-    "lotSizeFilter": {
-        "maxOrderQty": "100.000",
-        "minOrderQty": "0.001",
-        "qtyStep": "0.001",
-        "postOnlyMaxOrderQty": "1000.000",
-        "maxMktOrderQty": "100.000",
-        "minNotionalValue": "5",
-    },
-    "unifiedMarginTrade": True,
-    "fundingInterval": 480,
-    "copyTrading": "both",
-    "upperFundingRate": "0.00375",
-    "lowerFundingRate": "-0.00375",
-}
 BALANCE = D(5000)
 MIN_QTY = D("0.001")
 

@@ -34,7 +34,9 @@ BAR_MS = 60_000
 T0_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 MARKET_ID = "BTCUSDT"
 TOPIC = f"kline.1.{MARKET_ID}"
-INSTRUMENT = {
+#: Bybit's instruments-info row for the BTCUSDT linear perpetual, as the real API answers it;
+#: every fake Bybit of the tests serves this one.
+INSTRUMENT: dict[str, Any] = {
     "symbol": MARKET_ID,
     "contractType": "LinearPerpetual",
     "status": "Trading",
@@ -43,6 +45,7 @@ INSTRUMENT = {
     "settleCoin": "USDT",
     "launchTime": "1585526400000",
     "deliveryTime": "0",
+    "deliveryFeeRate": "",
     "priceScale": "2",
     "leverageFilter": {"minLeverage": "1", "maxLeverage": "100.00", "leverageStep": "0.01"},
     "priceFilter": {"minPrice": "0.10", "maxPrice": "199999.80", "tickSize": "0.10"},
@@ -50,8 +53,15 @@ INSTRUMENT = {
         "maxOrderQty": "100.000",
         "minOrderQty": "0.001",
         "qtyStep": "0.001",
+        "postOnlyMaxOrderQty": "1000.000",
+        "maxMktOrderQty": "100.000",
         "minNotionalValue": "5",
     },
+    "unifiedMarginTrade": True,
+    "fundingInterval": 480,
+    "copyTrading": "both",
+    "upperFundingRate": "0.00375",
+    "lowerFundingRate": "-0.00375",
 }
 
 

@@ -26,36 +26,9 @@ from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
 from hean.execution.exchange import ChildOrder, OrderRefusedError
 from hean.execution.ledger import RedisLedger
 from hean.execution.service import ExecutionService
+from tests.fakes.bybit_ws import INSTRUMENT
 
 D = Decimal
-INSTRUMENT = {
-    "symbol": "BTCUSDT",
-    "contractType": "LinearPerpetual",
-    "status": "Trading",
-    "baseCoin": "BTC",
-    "quoteCoin": "USDT",
-    "settleCoin": "USDT",
-    "launchTime": "1585526400000",
-    "deliveryTime": "0",
-    "deliveryFeeRate": "",
-    "priceScale": "2",
-    "leverageFilter": {"minLeverage": "1", "maxLeverage": "100.00", "leverageStep": "0.01"},
-    "priceFilter": {"minPrice": "0.10", "maxPrice": "199999.80", "tickSize": "0.10"},
-    "lotSizeFilter": {
-        "maxOrderQty": "100.000",
-        "minOrderQty": "0.001",
-        "qtyStep": "0.001",
-        "postOnlyMaxOrderQty": "1000.000",
-        "maxMktOrderQty": "100.000",
-        "minNotionalValue": "5",
-    },
-    "unifiedMarginTrade": True,
-    "fundingInterval": 480,
-    "settleCoin_": "USDT",
-    "copyTrading": "both",
-    "upperFundingRate": "0.00375",
-    "lowerFundingRate": "-0.00375",
-}
 
 
 @dataclass

@@ -893,20 +893,8 @@ class RedisStreamsTransport(Transport):
                     count=self.config.batch_size,
                     block=self.config.block_ms,
                 )
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    # Redis lost its data (restart without persistence): recreate the groups
-                    # from the start of the new streams and carry on.
-                    log.warning("consumer group missing (%s); recreating", exc)
-                    self._groups_ready.clear()
-                    await self._recreate_groups()
-                    continue
-                log.error("XREADGROUP failed: %s", exc)
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            except _REDIS_DOWN as exc:
-                self._set_connected(False, exc)
-                await asyncio.sleep(backoff.next_delay())
+            except (ResponseError, *_REDIS_DOWN) as exc:
+                await self._after_read_error(exc, backoff, "XREADGROUP")
                 continue
             backoff.reset()
             self._set_connected(True)
@@ -927,19 +915,25 @@ class RedisStreamsTransport(Transport):
                 continue
             try:
                 await self._read_conflated()
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    self._groups_ready.clear()
-                    await self._recreate_groups()
-                else:
-                    log.error("XREADGROUP (conflated) failed: %s", exc)
-                    await asyncio.sleep(backoff.next_delay())
-                continue
-            except _REDIS_DOWN as exc:
-                self._set_connected(False, exc)
-                await asyncio.sleep(backoff.next_delay())
+            except (ResponseError, *_REDIS_DOWN) as exc:
+                await self._after_read_error(exc, backoff, "XREADGROUP (conflated)")
                 continue
             backoff.reset()
+
+    async def _after_read_error(self, exc: Exception, backoff: Backoff, what: str) -> None:
+        """A failed read: recreate lost groups, or note the lost connection and back off."""
+        if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+            # Redis lost its data (restart without persistence): recreate the groups from
+            # the start of the new streams and carry on.
+            log.warning("consumer group missing (%s); recreating", exc)
+            self._groups_ready.clear()
+            await self._recreate_groups()
+            return
+        if isinstance(exc, ResponseError):
+            log.error("%s failed: %s", what, exc)
+        else:
+            self._set_connected(False, exc)
+        await asyncio.sleep(backoff.next_delay())
 
     async def _read_conflated(self) -> None:
         """Take everything the conflated subscriptions have waiting, newest per key."""
