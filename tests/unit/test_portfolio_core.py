@@ -236,7 +236,6 @@ def test_trade_stats_running_tally_equals_the_batch_formulas_over_many_trades():
     """The running tally (constant work per trade) against the textbook formulas computed
     over all the trades at once."""
     import random
-    import statistics
 
     rng = random.Random(7)
     p = Portfolio(D(1_000_000))
@@ -254,8 +253,10 @@ def test_trade_stats_running_tally_equals_the_batch_formulas_over_many_trades():
     losses = [-x for x in pnls if x < 0]
     assert stats.closed_trades == 400
     assert (stats.wins, stats.losses) == (len(wins), len(losses))
-    payoff = (sum(wins) / len(wins)) / (sum(losses) / len(losses))
+    payoff = (sum(wins, D(0)) / len(wins)) / (sum(losses, D(0)) / len(losses))
     assert stats.payoff_ratio is not None and abs(stats.payoff_ratio - payoff) < D("1e-20")
-    sharpe = statistics.mean(returns) / statistics.stdev(returns)
+    mean = sum(returns, D(0)) / len(returns)
+    variance = sum(((r - mean) ** 2 for r in returns), D(0)) / (len(returns) - 1)
+    sharpe = mean / variance.sqrt()
     assert stats.sharpe_ratio is not None and abs(stats.sharpe_ratio - sharpe) < D("1e-20")
     assert len(p.recent_trades) == 400
