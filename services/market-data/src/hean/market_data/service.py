@@ -628,14 +628,7 @@ class LiveFeed(_Feed):
             start_ms = since_ns // NS_PER_MS
         while True:
             end_ms = start_ms + self.fetch_limit * bar_ms - 1
-            rows = await client.fetch_ohlcv(
-                symbol,
-                self.timeframe,
-                since=start_ms,
-                limit=self.fetch_limit,
-                params={"until": end_ms},
-            )
-            candles = rows_to_candles(symbol, self.timeframe, rows)
+            candles = await self._fetch_window(client, symbol, start_ms, end_ms)
             result = self.tracker.accept(symbol, candles, self.clock_ns())
             self.duplicates_dropped += result.already_seen
             await self._publish(symbol, result.publish, result.gaps)
@@ -643,6 +636,21 @@ class LiveFeed(_Feed):
             if end_ms + 1 >= now_ms:
                 return
             start_ms = end_ms + 1
+
+    async def _fetch_window(
+        self, client: Any, symbol: str, start_ms: int, end_ms: int
+    ) -> list[Candle]:
+        """One `fetch_ohlcv` page: bars opening from `start_ms` to `end_ms`. The end is always
+        explicit: an exchange answering "the newest N bars" to an open-ended request would
+        skip bars on catch-up (ADR 0004)."""
+        rows = await client.fetch_ohlcv(
+            symbol,
+            self.timeframe,
+            since=start_ms,
+            limit=self.fetch_limit,
+            params={"until": end_ms},
+        )
+        return rows_to_candles(symbol, self.timeframe, rows)
 
     async def _tick_forming(self, symbol: str, forming: Candle | None) -> None:
         """A TICK at the forming bar's close (the latest traded price) when it moved."""
@@ -824,18 +832,8 @@ class WebSocketFeed(LiveFeed):
         found: list[Candle] = []
         while start_ms <= last_ms:
             end_ms = min(last_ms, start_ms + self.fetch_limit * bar_ms - 1)
-            rows = await client.fetch_ohlcv(
-                symbol,
-                self.timeframe,
-                since=start_ms,
-                limit=self.fetch_limit,
-                params={"until": end_ms},
-            )
-            found += [
-                c
-                for c in rows_to_candles(symbol, self.timeframe, rows)
-                if from_ns <= c.timestamp_ns < to_ns
-            ]
+            page = await self._fetch_window(client, symbol, start_ms, end_ms)
+            found += [c for c in page if from_ns <= c.timestamp_ns < to_ns]
             start_ms = end_ms + 1
         return found
 
