@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,19 @@ INSTRUMENT: dict[str, Any] = {
     "upperFundingRate": "0.00375",
     "lowerFundingRate": "-0.00375",
 }
+
+
+def listed_orders(
+    orders: Iterable[dict[str, Any]], request: web.Request, *, open_: bool
+) -> list[dict[str, Any]]:
+    """What Bybit's order/realtime (`open_`) or order/history lists of `orders`, filtered by
+    the request's `orderLinkId` when it names one (the fake order venues share this)."""
+    link = request.query.get("orderLinkId")
+    return [
+        o
+        for o in orders
+        if (o["orderStatus"] == "New") == open_ and link in (None, o["orderLinkId"])
+    ]
 
 
 def bar_row(i: int, t0_ms: int = T0_MS) -> list[str]:

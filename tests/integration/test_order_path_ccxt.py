@@ -26,7 +26,7 @@ from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
 from hean.execution.exchange import ChildOrder, OrderRefusedError
 from hean.execution.ledger import RedisLedger
 from hean.execution.service import ExecutionService
-from tests.fakes.bybit_ws import INSTRUMENT
+from tests.fakes.bybit_ws import INSTRUMENT, listed_orders
 
 D = Decimal
 
@@ -138,21 +138,11 @@ class FakeBybit:
         return _reply({"orderId": order["orderId"], "orderLinkId": link})
 
     async def realtime(self, request: web.Request) -> web.Response:
-        link = request.query.get("orderLinkId")
-        listed = [
-            o
-            for o in self.orders.values()
-            if o["orderStatus"] == "New" and link in (None, o["orderLinkId"])
-        ]
+        listed = listed_orders(self.orders.values(), request, open_=True)
         return _reply({"category": "linear", "list": listed})
 
     async def history(self, request: web.Request) -> web.Response:
-        link = request.query.get("orderLinkId")
-        listed = [
-            o
-            for o in self.orders.values()
-            if o["orderStatus"] != "New" and link in (None, o["orderLinkId"])
-        ]
+        listed = listed_orders(self.orders.values(), request, open_=False)
         return _reply({"category": "linear", "list": listed, "nextPageCursor": ""})
 
     async def execution_list(self, request: web.Request) -> web.Response:
