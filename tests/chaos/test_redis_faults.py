@@ -44,6 +44,22 @@ def _state(proc: Proc) -> str:
     return str(_http_health(proc)[1].get("orchestrator", {}).get("overall_state", "?"))
 
 
+def _not_healthy(system: System) -> str:
+    """Each service that is not healthy, with its components that are not (for failures)."""
+    lines = []
+    for proc in system.procs.values():
+        body = _http_health(proc)[1]
+        state = body.get("orchestrator", {}).get("overall_state", "?")
+        if state != "healthy":
+            parts = {
+                name: (entry.get("state"), entry.get("error_message"))
+                for name, entry in body.get("components", {}).items()
+                if entry.get("state") != "healthy"
+            }
+            lines.append(f"{proc.service}: {state} {parts}")
+    return "; ".join(lines)
+
+
 @pytest.mark.timeout(300)
 async def test_redis_restart_under_load_nothing_lost(
     redis_factory: Callable[..., RedisServer], tmp_path: Path, report: Report
@@ -73,12 +89,15 @@ async def test_redis_restart_under_load_nothing_lost(
         states_down = {p.service: _state(p) for p in system.procs.values()}
         server.start()
         client = aioredis.Redis.from_url(server.url)
-        back = await wait_for(
-            lambda: all(_state(p) == "healthy" for p in system.procs.values()),
-            timeout=60,
-            message="every service healthy again",
-            system=system,
-        )
+        try:
+            back = await wait_for(
+                lambda: all(_state(p) == "healthy" for p in system.procs.values()),
+                timeout=60,
+                message="every service healthy again",
+                system=system,
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {_not_healthy(system)}") from None
         outage = time.monotonic() - down_at
 
         await wait_for(

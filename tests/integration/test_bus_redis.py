@@ -774,3 +774,76 @@ async def test_bus_write_on_ack_goes_with_the_ack_and_a_failed_handlers_write_is
         strategy.write_on_ack("SET", "k", "v")
     with pytest.raises(ValueError, match="no Redis"):
         EventBus().write_on_ack("SET", "k", "v")
+
+
+async def test_bus_worker_takes_next_event_while_an_ack_waits_and_acks_in_any_order(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    """`ack_after(future)`: the event stays pending until the future is done (and is never
+    acked if it fails), while the same key's next events are handled meanwhile."""
+    features = make_bus(redis_url, "features", claim_idle_ms=60_000)
+    loop = asyncio.get_running_loop()
+    gates: dict[int, asyncio.Future[None]] = {}
+    handled: list[int] = []
+
+    async def on_tick(event: Event) -> None:
+        seq = event.data["seq"]
+        handled.append(seq)
+        gates[seq] = loop.create_future()
+        features.ack_after(gates[seq])
+        # Output published without waiting, in order with the gated ones.
+        features.publish_nowait(
+            Event(
+                event_type=EventType.SIGNAL,
+                data={"symbol": "BTC/USDT", "side": "BUY", "seq": seq},
+            )
+        )
+
+    features.subscribe(EventType.TICK, on_tick)
+    await features.start()
+    buses.append(features)
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+    for seq in (1, 2, 3):
+        await publisher.publish(tick(seq))  # one key: one worker lane, handled in order
+    await publisher.flush()
+
+    async def all_handled() -> bool:
+        return handled == [1, 2, 3]
+
+    await eventually(all_handled, timeout=10)  # no gate is open: the lane did not wait
+
+    async def pending_ids() -> list[int]:
+        rows: Any = await redis_client.xpending_range(TICKS, "features", "-", "+", 10)
+        by_id = {r["message_id"]: r for r in rows}
+        entries: Any = await redis_client.xrange(TICKS)
+        return [
+            orjson.loads(fields[b"event"])["data"]["seq"]
+            for entry_id, fields in entries
+            if entry_id in by_id
+        ]
+
+    assert await pending_ids() == [1, 2, 3]
+    gates[2].set_result(None)
+
+    async def two_acked() -> bool:
+        return await pending_ids() == [1, 3]
+
+    await eventually(two_acked, timeout=10)
+    gates[1].set_exception(RuntimeError("refused"))
+    gates[3].set_result(None)
+
+    async def three_acked() -> bool:
+        return await pending_ids() == [1]
+
+    await eventually(three_acked, timeout=10)
+    await asyncio.sleep(0.3)
+    assert await pending_ids() == [1]  # its future failed: left for redelivery
+    signals: Any = await redis_client.xrange(stream_key(EventType.SIGNAL))
+    assert [orjson.loads(f[b"event"])["data"]["seq"] for _, f in signals] == [1, 2, 3]
+
+    with pytest.raises(RuntimeError, match="for handlers"):
+        features.ack_after(loop.create_future())
+    with pytest.raises(RuntimeError, match="not running"):
+        EventBus().publish_nowait(tick(4))

@@ -8,10 +8,11 @@ from decimal import Decimal
 import pytest
 
 from hean.core.candles import Candle, bundled_data_path, load_candles
+from hean.core.errors import QueueFullError
 from hean.core.features import FEATURE_VERSION, WARMUP_BARS, compute_feature_rows
 from hean.core.types import Event, EventType
 from hean.features.core import BadCandleError, FeatureCore, candle_from_event
-from hean.features.service import EventBatcher
+from hean.features.service import EventBatcher, Item, SendBatch
 
 N = WARMUP_BARS + 60
 
@@ -92,72 +93,66 @@ def _event(symbol: str) -> Event:
     return Event(event_type=EventType.FEATURES_READY, data={"symbol": symbol, "features": {}})
 
 
+def _recorder(sent: list[list[str]]) -> SendBatch:
+    """A batch send that records the symbols and reports the batch written at once."""
+
+    def send(items: list[Item]) -> None:
+        sent.append([i.symbol for i in items])
+        for item in items:
+            item.done.set_result(None)
+
+    return send
+
+
 async def test_batcher_lone_symbol_sent_at_once_without_timeout() -> None:
     sent: list[list[str]] = []
-
-    async def send(items: list) -> None:  # type: ignore[type-arg]
-        sent.append([i.symbol for i in items])
-
-    batcher = EventBatcher(send, size=10, timeout_s=60.0)
-    await asyncio.wait_for(batcher.submit(_event("A"), "A", {}), 1.0)
-    await asyncio.wait_for(batcher.submit(_event("A"), "A", {}), 1.0)
+    batcher = EventBatcher(_recorder(sent), size=10, timeout_s=60.0)
+    first = batcher.add(_event("A"), "A", {})
+    second = batcher.add(_event("A"), "A", {})
+    assert first.done() and second.done()
     assert sent == [["A"], ["A"]]
 
 
 async def test_batcher_two_active_symbols_sent_together_without_waiting() -> None:
     sent: list[list[str]] = []
-
-    async def send(items: list) -> None:  # type: ignore[type-arg]
-        sent.append([i.symbol for i in items])
-
-    batcher = EventBatcher(send, size=10, timeout_s=1.0)
+    batcher = EventBatcher(_recorder(sent), size=10, timeout_s=1.0)
     # First round: B is new, so it waits for the timeout after A went out alone.
-    await asyncio.gather(batcher.submit(_event("A"), "A", {}), batcher.submit(_event("B"), "B", {}))
+    await asyncio.gather(batcher.add(_event("A"), "A", {}), batcher.add(_event("B"), "B", {}))
     # Now both are active: the batch is full as soon as both are in, long before 1 s.
-    await asyncio.wait_for(
-        asyncio.gather(batcher.submit(_event("A"), "A", {}), batcher.submit(_event("B"), "B", {})),
-        0.8,
-    )
+    first = batcher.add(_event("A"), "A", {})
+    assert not first.done()
+    second = batcher.add(_event("B"), "B", {})
+    assert first.done() and second.done()
     assert sent == [["A"], ["B"], ["A", "B"]]
 
 
 async def test_batcher_quiet_symbol_flushed_by_timeout() -> None:
     sent: list[list[str]] = []
-
-    async def send(items: list) -> None:  # type: ignore[type-arg]
-        sent.append([i.symbol for i in items])
-
-    batcher = EventBatcher(send, size=10, timeout_s=0.05)
-    await asyncio.gather(batcher.submit(_event("A"), "A", {}), batcher.submit(_event("B"), "B", {}))
+    batcher = EventBatcher(_recorder(sent), size=10, timeout_s=0.05)
+    await asyncio.gather(batcher.add(_event("A"), "A", {}), batcher.add(_event("B"), "B", {}))
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await asyncio.wait_for(batcher.submit(_event("A"), "A", {}), 2.0)  # B stays quiet
+    await asyncio.wait_for(batcher.add(_event("A"), "A", {}), 2.0)  # B stays quiet
     assert loop.time() - started >= 0.04
     assert sent[-1] == ["A"]
 
 
-async def test_batcher_send_error_raised_in_every_waiting_submitter() -> None:
-    async def send(items: list) -> None:  # type: ignore[type-arg]
-        raise ConnectionError("redis down")
+async def test_batcher_send_error_reaches_every_item_of_the_batch() -> None:
+    def send(items: list[Item]) -> None:
+        raise QueueFullError("the Redis outbox", 1)
 
     batcher = EventBatcher(send, size=2, timeout_s=0.05)
-    results = await asyncio.gather(
-        batcher.submit(_event("A"), "A", {}),
-        batcher.submit(_event("B"), "B", {}),
-        return_exceptions=True,
-    )
-    assert all(isinstance(r, ConnectionError) for r in results)
+    first = batcher.add(_event("A"), "A", {})
+    second = batcher.add(_event("B"), "B", {})
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(r, QueueFullError) for r in results)
 
 
 async def test_batcher_symbols_sharing_a_bus_lane_do_not_wait_for_each_other() -> None:
     # The bus hands one event per worker lane at a time: two symbols on one lane can never
     # be in a batch together, so each row must go out at once, not after the timeout.
     sent: list[list[str]] = []
-
-    async def send(items: list) -> None:  # type: ignore[type-arg]
-        sent.append([i.symbol for i in items])
-
-    batcher = EventBatcher(send, size=10, timeout_s=60.0, lane=lambda symbol: 0)
+    batcher = EventBatcher(_recorder(sent), size=10, timeout_s=60.0, lane=lambda symbol: 0)
     for symbol in ("BTC/USDT", "SOL/USDT", "BTC/USDT", "SOL/USDT"):
-        await asyncio.wait_for(batcher.submit(_event(symbol), symbol, {}), 1.0)
+        assert batcher.add(_event(symbol), symbol, {}).done()
     assert sent == [["BTC/USDT"], ["SOL/USDT"], ["BTC/USDT"], ["SOL/USDT"]]

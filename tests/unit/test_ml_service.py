@@ -25,12 +25,17 @@ from tests.helpers import eventually
 
 
 class SlowRunner(ModelRunner):
-    """A real runner whose inference takes `delay_s` (stands in for a stuck model)."""
+    """A real runner whose inference takes `delay_s` of CPU (stands in for a heavy model),
+    or sleeps `sleep_s` (a stuck one)."""
 
     delay_s = 0.0
+    sleep_s = 0.0
 
     def predict(self, features: Mapping[str, float]) -> Prediction:
-        time.sleep(self.delay_s)
+        busy_until = time.thread_time() + self.delay_s
+        while time.thread_time() < busy_until:
+            pass
+        time.sleep(self.sleep_s)
         return super().predict(features)
 
 
@@ -129,7 +134,7 @@ async def test_on_features_slow_inference_times_out_then_breaker_opens(
     await rig.orchestrator.start()
     try:
         assert rig.runner is not None
-        rig.runner.delay_s = 0.2
+        rig.runner.sleep_s = 0.2
         for _ in range(2):
             with pytest.raises(TransientError, match="ML_INFERENCE_TIMEOUT=20 ms"):
                 await rig.service.on_features(rig.features(rows[0]))
@@ -229,6 +234,17 @@ async def test_fast_model_moves_inline_and_a_slow_one_back_to_the_thread_under_t
         with pytest.raises(TransientError, match="ML_INFERENCE_TIMEOUT=200 ms"):
             await service.on_features(rig.features(rows[1]))
         assert not service.inline and service.timeouts == 1
+
+        rig.runner.delay_s = 0.0
+        for row in some:
+            await service._infer(rig.runner, row)
+        assert service.inline
+        # Stuck without using CPU (waiting on something): past the timeout it is a timeout
+        # too, and back to the thread.
+        rig.runner.sleep_s = 0.25
+        with pytest.raises(TransientError, match="ML_INFERENCE_TIMEOUT=200 ms"):
+            await service.on_features(rig.features(rows[2]))
+        assert not service.inline and service.timeouts == 2
     finally:
         await rig.orchestrator.stop()
 

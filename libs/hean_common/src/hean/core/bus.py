@@ -7,12 +7,13 @@ Two transports behind one API:
 * `RedisStreamsTransport`: Redis Streams consumer groups. Group = service name, consumer =
   one per process, so replicas of a service split the work and different services each get
   every event. An entry is acked only after every local handler of its type has returned
-  and every event those handlers published has reached Redis. Failed entries are retried
-  (XCLAIM, so Redis counts deliveries) and dead-lettered after `max_deliveries` with the
-  error; a `PermanentError` and malformed entries are dead-lettered at once. Entries of a
-  crashed consumer are taken over with XAUTOCLAIM once idle. While Redis is unreachable,
-  publishes wait in a bounded outbox that is flushed in order on reconnect; past the bound
-  publish raises "Queue is full".
+  and every event those handlers published has reached Redis (the worker does not wait
+  for that: it takes its next event while the outbox writes, and the ack follows). Failed
+  entries are retried (XCLAIM, so Redis counts deliveries) and dead-lettered after
+  `max_deliveries` with the error; a `PermanentError` and malformed entries are
+  dead-lettered at once. Entries of a crashed consumer are taken over with XAUTOCLAIM once
+  idle. While Redis is unreachable, publishes wait in a bounded outbox that is flushed in
+  order on reconnect; past the bound publish raises "Queue is full".
 
 Handlers run on `worker_count` workers; events with the same key (symbol, else order id,
 else type) always go to the same worker, so per-symbol order is kept while symbols run in
@@ -115,7 +116,8 @@ class Delivery:
     raw: bytes = b""
     deliveries: int = 1
     done: set[str] = field(default_factory=set)
-    outputs: list[asyncio.Future[str]] = field(default_factory=list)
+    #: Writes its ack waits for: what the handlers published, and `EventBus.ack_after`.
+    outputs: list[asyncio.Future[Any]] = field(default_factory=list)
     #: Redis commands to send with this event's ack (`EventBus.write_on_ack`).
     ack_commands: list[tuple[Any, ...]] = field(default_factory=list)
     last_error: str | None = None
@@ -298,6 +300,17 @@ class Transport(ABC):
         """See `EventBus.write_on_ack`."""
         raise ValueError(f"{type(self).__name__} has no Redis to send {command[0]!r} to")
 
+    def publish_nowait(self, event: Event, then: Commands = ()) -> asyncio.Future[str]:
+        """See `EventBus.publish_nowait`."""
+        raise ValueError(f"{type(self).__name__} cannot publish without waiting")
+
+    def ack_after(self, future: asyncio.Future[Any]) -> None:
+        """See `EventBus.ack_after`."""
+        delivery = _current_delivery.get()
+        if delivery is None:
+            raise RuntimeError("ack_after() is for handlers: no event is being handled")
+        delivery.outputs.append(future)
+
     def subscribed(self, event_type: EventType) -> None:  # noqa: B027 - optional hook
         """A handler for `event_type` was added (the Redis transport starts reading it)."""
 
@@ -454,6 +467,9 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
 end
 return false
 """
+#: Seconds an outbox or ack pipeline may take before its connection counts as lost.
+WRITE_TIMEOUT_S = 5.0
+
 PUBLISHED_KEY_PREFIX = "hean:published:"
 PUBLISHED_TTL_S = 86_400
 
@@ -558,6 +574,10 @@ class RedisStreamsTransport(Transport):
         super().__init__()
         self.config = config
         self._client: aioredis.Redis | None = None
+        #: The outbox's and the acks' connections: no per-reply socket timeout (redis-py
+        #: arms one for every reply of a pipeline, a tenth of a publishing service's CPU);
+        #: each pipeline runs under one `WRITE_TIMEOUT_S` instead.
+        self._writer: aioredis.Redis | None = None
         self._reader: aioredis.Redis | None = None
         self._outbox: deque[_Outgoing] = deque()
         self._published_seq = 0  # events accepted into the outbox so far
@@ -600,6 +620,12 @@ class RedisStreamsTransport(Transport):
         return self._client
 
     @property
+    def writer(self) -> aioredis.Redis:
+        if self._writer is None:
+            raise RuntimeError("the Redis transport is not started")
+        return self._writer
+
+    @property
     def max_in_flight(self) -> int:
         return max(self.config.batch_size * self.config.worker_count * 4, 64)
 
@@ -613,6 +639,15 @@ class RedisStreamsTransport(Transport):
                 max_connections=16,
                 timeout=10,
                 socket_timeout=5.0,
+                socket_connect_timeout=5.0,
+            )
+        )
+        self._writer = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                self.config.url,
+                max_connections=4,
+                timeout=10,
+                socket_timeout=None,
                 socket_connect_timeout=5.0,
             )
         )
@@ -681,10 +716,10 @@ class RedisStreamsTransport(Transport):
         self._tasks = []
         self._retry_tasks.clear()
         self._workers = _Workers(self.config.worker_count, self._handle, "redis")
-        for conn in (self._reader, self._client):
+        for conn in (self._reader, self._client, self._writer):
             if conn is not None:
                 await conn.aclose()
-        self._reader = self._client = None
+        self._reader = self._client = self._writer = None
 
     def _set_connected(self, connected: bool, error: BaseException | None = None) -> None:
         if connected and not self._connected:
@@ -726,11 +761,25 @@ class RedisStreamsTransport(Transport):
         delivery.ack_commands.append(tuple(command))
 
     async def publish(self, event: Event, then: Commands = ()) -> None:
+        future = self._enqueue(event, then, written=bool(then))
+        if future is not None and then:
+            await asyncio.shield(future)  # written, with its commands (EventBus.publish)
+
+    def publish_nowait(self, event: Event, then: Commands = ()) -> asyncio.Future[str]:
+        future = self._enqueue(event, then, written=True)
+        assert future is not None
+        return future
+
+    def _enqueue(
+        self, event: Event, then: Commands, *, written: bool
+    ) -> asyncio.Future[str] | None:
+        """Queue `event` in the outbox. Returns the future of its write when a handler is
+        publishing (its ack waits for it) or `written` asks for one."""
         if len(self._outbox) >= self.config.max_queue_size:
             raise QueueFullError("the Redis outbox", self.config.max_queue_size)
         delivery = _current_delivery.get()
         future: asyncio.Future[str] | None = None
-        if delivery is not None or then:
+        if delivery is not None or written:
             future = asyncio.get_running_loop().create_future()
             if delivery is not None:
                 delivery.outputs.append(future)
@@ -754,8 +803,7 @@ class RedisStreamsTransport(Transport):
             self._outbox_wakeup.set()
         if self.metrics is not None:
             self._report_sizes()
-        if future is not None and then:
-            await asyncio.shield(future)  # written, with its commands (EventBus.publish)
+        return future
 
     async def _flush_loop(self) -> None:
         backoff = Backoff(maximum=self.config.reconnect_max_s)
@@ -771,7 +819,7 @@ class RedisStreamsTransport(Transport):
             try:
                 # Redis may have been down at start: the groups come before our first event.
                 await self._ensure_topology()
-                async with self.client.pipeline(transaction=False) as pipe:
+                async with self.writer.pipeline(transaction=False) as pipe:
                     self._pipe_acks(pipe, acks)
                     for item in batch:
                         # XADD spelled out: redis-py's xadd() argument handling costs more
@@ -793,7 +841,8 @@ class RedisStreamsTransport(Transport):
                             )  # fmt: skip
                         for command in item.then:
                             pipe.execute_command(*command)
-                    replies = iter(await pipe.execute(raise_on_error=False))
+                    async with asyncio.timeout(WRITE_TIMEOUT_S):
+                        replies = iter(await pipe.execute(raise_on_error=False))
             except _REDIS_DOWN as exc:
                 self._set_connected(False, exc)
                 self._requeue_acks(acks)
@@ -1056,20 +1105,42 @@ class RedisStreamsTransport(Transport):
                 task.add_done_callback(self._retry_tasks.discard)
             return
         # Ack only once everything the handlers published is in Redis: a crash before that
-        # redelivers the input instead of losing the output.
-        if delivery.outputs:
-            results = await asyncio.gather(*delivery.outputs, return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                log.error(
-                    "not acking %s %s: %d of its outputs failed to publish: %s",
-                    delivery.event.event_type.value,
-                    delivery.event.event_id,
-                    len(errors),
-                    errors[0],
-                )
-                self._finish(delivery, ack=False)
-                return
+        # redelivers the input instead of losing the output. The worker does not wait for
+        # that: it takes its next event while the outbox writes this one's outputs (in
+        # the order they were published, so per key the outputs stay in order), and the
+        # ack follows the last write. A lane costs handler time per event, not a round trip.
+        pending = [output for output in delivery.outputs if not output.done()]
+        if not pending:
+            self._settle(delivery)
+            return
+        remaining = len(pending)
+
+        def written(_: asyncio.Future[Any]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                self._settle(delivery)
+
+        for output in pending:
+            output.add_done_callback(written)
+
+    def _settle(self, delivery: Delivery) -> None:
+        """Ack a handled delivery whose outputs are all written (or failed: then not)."""
+        errors = [
+            RuntimeError("publish cancelled") if output.cancelled() else output.exception()
+            for output in delivery.outputs
+            if output.cancelled() or output.exception() is not None
+        ]
+        if errors:
+            log.error(
+                "not acking %s %s: %d of its outputs failed to publish: %s",
+                delivery.event.event_type.value,
+                delivery.event.event_id,
+                len(errors),
+                errors[0],
+            )
+            self._finish(delivery, ack=False)
+            return
         self._finish(delivery)
 
     def _finish(self, delivery: Delivery, *, ack: bool = True) -> None:
@@ -1168,9 +1239,10 @@ class RedisStreamsTransport(Transport):
                 continue
             batch = self._take_acks()
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
+                async with self.writer.pipeline(transaction=False) as pipe:
                     self._pipe_acks(pipe, batch)
-                    replies = await pipe.execute(raise_on_error=False)
+                    async with asyncio.timeout(WRITE_TIMEOUT_S):
+                        replies = await pipe.execute(raise_on_error=False)
             except _REDIS_DOWN as exc:
                 self._set_connected(False, exc)
                 self._requeue_acks(batch)
@@ -1492,6 +1564,27 @@ class EventBus:
         writes dropped. The write must be idempotent (the pipeline may be sent again after
         a lost connection). Costs no round trip of its own. The Redis transport only."""
         self.transport.write_on_ack(command)
+
+    def publish_nowait(self, event: Event, *, then: Commands = ()) -> asyncio.Future[str]:
+        """Like `publish(event, then=...)` for code that must not wait: the event (and
+        `then`) is queued at once, in order with every other publish, and the returned
+        future resolves once it is in Redis (or fails with Redis's refusal). Raises
+        `QueueFullError` at once when the outbox is full. The bus must be started; the
+        Redis transport only. Inside a handler the event's ack waits for it, as with
+        `publish`."""
+        if not isinstance(event, Event):
+            raise TypeError(f"publish_nowait() takes an Event, not {type(event).__name__}")
+        if self._closed or not self._started:
+            raise RuntimeError("the event bus is not running: publish refused")
+        return self.transport.publish_nowait(event.with_context(source=self.source), then)
+
+    def ack_after(self, future: asyncio.Future[Any]) -> None:
+        """Inside a handler: ack the event being handled only once `future` is done as
+        well as everything the handler published, without the handler waiting for it
+        (the bus takes the next event meanwhile). If `future` fails the event is not acked
+        and is delivered again once idle (`EVENT_CLAIM_IDLE_MS`). For outputs a handler
+        hands to someone else to publish (features' batches)."""
+        self.transport.ack_after(future)
 
     async def publish(self, event: Event, *, then: Commands = ()) -> Event:
         """Validate, stamp (source, correlation id) and hand `event` to the transport.

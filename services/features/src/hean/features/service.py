@@ -1,20 +1,24 @@
 """features wiring: CANDLE in, FEATURES_READY out, engine state in Redis.
 
-Each candle's handler waits until its FEATURES_READY is in Redis and the engine state after
-the candle is saved, so the bus acks the candle only then: a crash before that redelivers
-the candle (the restored engine has not seen it, so it is processed again), a crash after
-it finds the candle already in the saved state (ignored as stale). State therefore survives
-restarts without a new warm-up.
+A candle is acked only once its FEATURES_READY is in Redis and the engine state after the
+candle is saved: a crash before that redelivers the candle (the restored engine has not
+seen it, so it is processed again), a crash after it finds the candle already in the saved
+state (ignored as stale). State therefore survives restarts without a new warm-up. The
+handler does not wait for the write (`EventBus.ack_after`): the bus handles the symbol's
+next candle while Redis takes this one, so a symbol costs CPU per candle, not a round trip.
 
 Batching (FEATURE_BATCH_SIZE, FEATURE_BATCH_TIMEOUT ms): feature rows ready at the same
-time (several symbols, handled on parallel bus workers) go out together, one bus flush and
-one state write per batch; the state write (HSET) rides in the same Redis pipeline, right
-after the batch's last XADD (`EventBus.publish(..., then=...)`), so a batch costs one round
-trip and the state is never written ahead of its events. A batch is sent when it is full
-or when its oldest row has waited FEATURE_BATCH_TIMEOUT, so a lone row is never delayed
-longer than that.
+time (several symbols, handled on parallel bus workers) go out together, with one state
+write per batch; the state write (HSET) rides in the same Redis pipeline, right after the
+batch's last XADD (`EventBus.publish_nowait(..., then=...)`), so it costs no round trip and
+is never written ahead of its events. A batch is sent when it is full or when its oldest
+row has waited FEATURE_BATCH_TIMEOUT, so a lone row is never delayed longer than that.
 A batch also counts as full once it holds a row of every symbol seen lately (see
 `EventBatcher`). FEATURE_BATCH_TIMEOUT=0 sends every row at once.
+
+While Redis is unreachable batches wait in the bus's outbox and their candles stay
+unacked. If Redis refuses a batch (not a lost connection: out of memory, say), its
+symbols' engines go back to their last saved state and the candles are delivered again.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
+from contextvars import Context
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
@@ -33,7 +38,6 @@ from prometheus_client import Counter, Histogram
 from pydantic import Field
 
 from hean.core.bus import EventBus, worker_lane
-from hean.core.candles import Candle
 from hean.core.errors import PermanentError
 from hean.core.event_streams import as_str
 from hean.core.metrics import Metrics
@@ -49,7 +53,6 @@ COMPONENT = "features"
 
 class FeaturesSettings(CoreSettings, MLSettings):
     features_state_key: str = Field(default="", alias="FEATURES_STATE_KEY")
-    features_flush_timeout_s: float = Field(default=10.0, gt=0, alias="FEATURES_FLUSH_TIMEOUT_S")
 
     @property
     def state_key(self) -> str:
@@ -80,7 +83,7 @@ class EngineStore:
 
 
 @dataclass(slots=True)
-class _Item:
+class Item:
     event: Event
     symbol: str
     state: dict[str, Any]
@@ -88,22 +91,26 @@ class _Item:
     queued_at: float = field(default=0.0)
 
 
-PublishBatch = Callable[[list[_Item]], Awaitable[None]]
+SendBatch = Callable[[list[Item]], None]
 
 
 class EventBatcher:
     """Collects items; sends a batch when it is full or its oldest item has waited
-    `timeout_s`. `submit` returns once its item's batch is sent (or raises its error).
+    `timeout_s`. `add` returns at once with a future that resolves once the item's batch
+    is written (or fails with its error): the caller hands it to `EventBus.ack_after`.
 
     Full means `size` items, or one item from every bus worker lane with a symbol active
     lately (seen within `active_window_s`), whichever is fewer: the bus handles one event
     per lane at a time (symbols share lanes), so a lane's next row cannot join before its
-    current one is sent, and waiting for more would only add the timeout to every row.
+    current one is added, and waiting for more would only add the timeout to every row.
+
+    `send` queues the batch without waiting (`EventBus.publish_nowait`), so batches go out
+    in the order they were closed, and resolves the items' futures when it is written.
     """
 
     def __init__(
         self,
-        send: PublishBatch,
+        send: SendBatch,
         *,
         size: int,
         timeout_s: float,
@@ -116,22 +123,21 @@ class EventBatcher:
         self.timeout_s = timeout_s
         self.active_window_s = max(active_window_s, 4 * timeout_s)
         self._seen: dict[str, float] = {}
-        self._items: list[_Item] = []
+        self._items: list[Item] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
 
-    async def submit(self, event: Event, symbol: str, state: dict[str, Any]) -> None:
+    def add(self, event: Event, symbol: str, state: dict[str, Any]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
-        item = _Item(event, symbol, state, loop.create_future(), loop.time())
+        item = Item(event, symbol, state, loop.create_future(), loop.time())
         self._items.append(item)
         self._seen[symbol] = item.queued_at
         if len(self._items) >= self._target(item.queued_at) or self.timeout_s <= 0:
-            await self._flush()
+            self.flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.timeout_s, self._on_timer)
-        await item.done
+            # Sent outside any handler: the batch is not one handler's output.
+            self._timer = loop.call_later(self.timeout_s, self.flush, context=Context())
+        return item.done
 
     def _target(self, now: float) -> int:
         horizon = now - self.active_window_s
@@ -140,31 +146,21 @@ class EventBatcher:
         lanes = {self.lane(symbol) for symbol in self._seen}
         return max(1, min(self.size, len(lanes)))
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        task = asyncio.create_task(self._flush())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _flush(self) -> None:
+    def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         items, self._items = self._items, []
         if not items:
             return
-        async with self._lock:  # batches go out in the order they were closed
-            try:
-                await self.send(items)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
-                for item in items:
-                    if not item.done.done():
-                        item.done.set_exception(exc)
-                return
-            self.batches += 1
+        try:
+            self.send(items)
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
             for item in items:
                 if not item.done.done():
-                    item.done.set_result(None)
+                    item.done.set_exception(exc)
+            return
+        self.batches += 1
 
 
 def _lane_of(symbol: str, *, workers: int) -> int:
@@ -182,7 +178,6 @@ class FeaturesService:
         *,
         batch_size: int = 10,
         batch_timeout_ms: float = 50.0,
-        flush_timeout_s: float = 10.0,
         metrics: Metrics | None = None,
         worker_count: int | None = None,
     ) -> None:
@@ -190,7 +185,6 @@ class FeaturesService:
         self.core = core
         self.store = store
         self.metrics = metrics
-        self.flush_timeout_s = flush_timeout_s
         lane = None if worker_count is None else partial(_lane_of, workers=worker_count)
         self.batcher = EventBatcher(
             self._send, size=batch_size, timeout_s=batch_timeout_ms / 1000, lane=lane
@@ -249,8 +243,8 @@ class FeaturesService:
             return
         state = self.core.snapshot(candle.symbol)
         try:
-            if outcome.features is None:  # warming up: only the state changes
-                await self.store.save({candle.symbol: state})
+            if outcome.features is None:  # warming up: only the state changes, with the ack
+                self.bus.write_on_ack(*self.store.save_command({candle.symbol: state}))
                 self._persisted[candle.symbol] = state
                 return
             features_event = Event(
@@ -258,10 +252,15 @@ class FeaturesService:
                 data=self.core.features_data(candle, outcome.features),
                 correlation_id=event.correlation_id or event.event_id,
             )
-            await self.batcher.submit(features_event, candle.symbol, state)
+            written = self.batcher.add(features_event, candle.symbol, state)
+            if written.done() and written.exception() is not None:
+                raise cast(BaseException, written.exception())  # refused at once: retried
+            # Acked once the batch (event and state) is in Redis; the bus takes the next
+            # candle meanwhile.
+            self.bus.ack_after(written)
         except BaseException:
             # Not saved: forget the candle so its redelivery is processed again.
-            self._rollback(candle)
+            self._rollback(candle.symbol)
             raise
         finally:
             if self.metrics is not None:
@@ -269,29 +268,54 @@ class FeaturesService:
                     time.perf_counter() - started
                 )
 
-    def _rollback(self, candle: Candle) -> None:
-        self.core.restore(candle.symbol, self._persisted.get(candle.symbol))
+    def _rollback(self, symbol: str) -> None:
+        self.core.restore(symbol, self._persisted.get(symbol))
 
-    async def _send(self, items: list[_Item]) -> None:
+    def _send(self, items: list[Item]) -> None:
+        """Queue a batch: its events, then the engine state in the last event's pipeline,
+        so the state is never saved before the events and costs no round trip of its own.
+        The items resolve once all of it is in Redis."""
         states = {item.symbol: item.state for item in items}  # the latest per symbol
-        try:
-            # The engine state goes in the pipeline right after the batch's last event: it
-            # is never saved before the events, and costs no round trip of its own.
-            # Returns once all of it is in Redis (the outbox is written in order).
-            *rows, last = items
-            for item in rows:
-                await self.bus.publish(item.event)
-            save = [self.store.save_command(states)]
-            await asyncio.wait_for(self.bus.publish(last.event, then=save), self.flush_timeout_s)
-        except Exception as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            raise
+        *rows, last = items
+        written = [self.bus.publish_nowait(item.event) for item in rows]
+        save = [self.store.save_command(states)]
+        written.append(self.bus.publish_nowait(last.event, then=save))
+        remaining = len(written)
+
+        def one_written(_: asyncio.Future[str]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                self._sent(items, states, written)
+
+        for future in written:
+            future.add_done_callback(one_written)
+
+    def _sent(
+        self,
+        items: list[Item],
+        states: dict[str, dict[str, Any]],
+        written: list[asyncio.Future[str]],
+    ) -> None:
+        error = next((f.exception() for f in written if f.exception() is not None), None)
+        if error is not None:
+            # Redis refused part of the batch: its candles stay unacked and are delivered
+            # again, so the engines go back to their last saved state to process them anew.
+            self.last_error = f"{type(error).__name__}: {error}"
+            for symbol in states:
+                self._rollback(symbol)
+            for item in items:
+                if not item.done.done():
+                    item.done.set_exception(error)
+            return
         self.last_error = None
         self._persisted.update(states)
         self.published += len(items)
         self.m_batch.observe(len(items))
         for item in items:
             self.m_published.labels(item.symbol).inc()
+            if not item.done.done():
+                item.done.set_result(None)
 
     def health_check(self) -> dict[str, Any]:
         if self.last_error is not None:
@@ -307,7 +331,6 @@ def build(ctx: ServiceContext) -> None:
         EngineStore(ctx.redis, settings.state_key),
         batch_size=settings.feature_batch_size,
         batch_timeout_ms=settings.feature_batch_timeout_ms,
-        flush_timeout_s=settings.features_flush_timeout_s,
         metrics=ctx.metrics,
         worker_count=settings.event_worker_count,
     )
