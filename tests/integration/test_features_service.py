@@ -3,11 +3,15 @@ ignored, and engine state carried across a restart (no new warm-up, same numbers
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis.asyncio as aioredis
 
 from hean.core.candles import Candle, bundled_data_path, load_candles
+from hean.core.event_streams import stream_key
 from hean.core.features import FEATURE_VERSION, WARMUP_BARS, compute_feature_rows
+from hean.core.service import ServiceContext
 from hean.core.settings import SettingsError, load_settings
 from hean.core.types import Event, EventType
 from hean.features.service import FeaturesSettings, build
@@ -18,6 +22,11 @@ from tests.integration.signal_path_helpers import FAST, drained, publish, read, 
 
 def _events(candles: tuple[Candle, ...]) -> list[Event]:
     return [Event(event_type=EventType.CANDLE, data=candle_data(c)) for c in candles]
+
+
+def _component(ctx: ServiceContext) -> dict[str, Any]:
+    entry: dict[str, Any] = ctx.orchestrator.health()["components"]["features"]
+    return entry
 
 
 def _settings(url: str) -> FeaturesSettings:
@@ -81,3 +90,56 @@ def test_features_settings_bad_batch_size_names_variable(monkeypatch: pytest.Mon
     monkeypatch.setenv("FEATURE_BATCH_SIZE", "0")
     with pytest.raises(SettingsError, match="FEATURE_BATCH_SIZE"):
         load_settings(FeaturesSettings)
+
+
+async def test_features_refused_batches_roll_back_and_are_delivered_again_in_order(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """Redis refusing the FEATURES_READY writes (here: the stream's key holds a string, so
+    XADD gets WRONGTYPE) leaves the candles unacked and the component degraded; once Redis
+    takes writes again the candles come back and the rows are exactly the batch ones."""
+    btc = load_candles(bundled_data_path(), "BTC/USDT").candles[: WARMUP_BARS + 30]
+    first = WARMUP_BARS + 10
+    settings = FeaturesSettings(
+        REDIS_URL=redis_url,
+        SERVICE_NAME="features",
+        FEATURE_BATCH_TIMEOUT=20,
+        EVENT_CLAIM_IDLE_MS=500,
+        EVENT_CLAIM_INTERVAL_MS=200,
+        **FAST,
+    )
+    key = "hean:events:FEATURES_READY"
+    async with running("features", build, settings) as ctx:
+        await publish(redis_url, _events(btc[:first]))
+        await eventually(
+            lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
+        )
+        await redis_client.rename(key, "hean:test:rows")
+        await redis_client.set(key, "not a stream")
+        for event in _events(btc[first:]):  # plain XADDs: a bus would trip over the key
+            await redis_client.xadd(stream_key(EventType.CANDLE), {"event": event.to_json()})
+
+        async def refused() -> bool:
+            health = _component(ctx)
+            pending: Any = await redis_client.xpending(stream_key(EventType.CANDLE), "features")
+            return bool(health["state"] == "degraded" and pending["pending"] > 0)
+
+        await eventually(refused, timeout=20, message="refused batches seen")
+        health = _component(ctx)
+        assert "WRONGTYPE" in str(health["error_message"])
+        await redis_client.delete(key)
+        await redis_client.rename("hean:test:rows", key)
+        await eventually(
+            lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=30, message="drain"
+        )
+
+        async def healthy() -> bool:
+            return bool(_component(ctx)["state"] == "healthy")
+
+        await eventually(healthy, timeout=10, message="healthy again")
+
+    got = await read(redis_url, EventType.FEATURES_READY)
+    want = list(compute_feature_rows(btc))
+    assert [e.data["timestamp"] for e in got] == [c.timestamp_ns for c, _ in want]
+    for event, (_, row) in zip(got, want, strict=True):
+        assert event.data["features"] == pytest.approx(row, rel=1e-9, abs=1e-12)
