@@ -24,6 +24,9 @@ def _events(candles: tuple[Candle, ...]) -> list[Event]:
     return [Event(event_type=EventType.CANDLE, data=candle_data(c)) for c in candles]
 
 
+STATE_KEY = "hean:features:features:state"
+
+
 def _component(ctx: ServiceContext) -> dict[str, Any]:
     entry: dict[str, Any] = ctx.orchestrator.health()["components"]["features"]
     return entry
@@ -82,7 +85,7 @@ async def test_features_service_restart_and_redelivery_same_features_as_batch(
     for event in got:  # each FEATURES_READY carries its candle's correlation id
         assert event.correlation_id is not None
         assert by_id[event.correlation_id].data["timestamp"] == event.data["timestamp"]
-    state = await redis_client.hgetall("hean:features:features:state")
+    state = await redis_client.hgetall(STATE_KEY)
     assert set(state) == {b"BTC/USDT", b"ETH/USDT"}
 
 
@@ -114,6 +117,7 @@ async def test_features_refused_batches_roll_back_and_are_delivered_again_in_ord
         await eventually(
             lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
         )
+        saved = await redis_client.hgetall(STATE_KEY)
         await redis_client.rename(key, "hean:test:rows")
         await redis_client.set(key, "not a stream")
         for event in _events(btc[first:]):  # plain XADDs: a bus would trip over the key
@@ -127,6 +131,8 @@ async def test_features_refused_batches_roll_back_and_are_delivered_again_in_ord
         await eventually(refused, timeout=20, message="refused batches seen")
         health = _component(ctx)
         assert "WRONGTYPE" in str(health["error_message"])
+        # The engine state rides in the same script as the refused XADD: not saved either.
+        assert await redis_client.hgetall(STATE_KEY) == saved
         await redis_client.delete(key)
         await redis_client.rename("hean:test:rows", key)
         await eventually(

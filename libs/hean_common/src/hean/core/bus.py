@@ -467,6 +467,25 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
 end
 return false
 """
+#: An event with `then` commands (EventBus.publish): the commands run only if the XADD did.
+#: In a plain pipeline Redis runs each command on its own, so a refused XADD (out of memory,
+#: a key of the wrong type) would still save state that claims the event was written.
+#: ARGV: payload, MAXLEN ('' for none), then per command its argument count and arguments.
+_PUBLISH_THEN = """
+local id
+if ARGV[2] == '' then
+  id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[1])
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+end
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return id
+"""
 #: Seconds an outbox or ack pipeline may take before its connection counts as lost.
 WRITE_TIMEOUT_S = 5.0
 
@@ -549,6 +568,15 @@ class _AckBatch:
     def commands_count(self) -> int:
         """How many replies the batch's commands get in a pipeline."""
         return len(self.commands) + sum(1 for ids in self.acks.values() if ids)
+
+
+def _flatten(commands: Commands) -> list[Any]:
+    """`_PUBLISH_THEN`'s ARGV tail: each command as its argument count, then its arguments."""
+    flat: list[Any] = []
+    for command in commands:
+        flat.append(len(command))
+        flat.extend(command)
+    return flat
 
 
 def _wake(
@@ -832,6 +860,14 @@ class RedisStreamsTransport(Transport):
                                 "EVAL", _PUBLISH_ONCE, 2, item.key, item.marker,
                                 item.payload, PUBLISHED_TTL_S,
                             )  # fmt: skip
+                            for command in item.then:  # (no caller sends both yet)
+                                pipe.execute_command(*command)
+                        elif item.then:
+                            pipe.execute_command(
+                                "EVAL", _PUBLISH_THEN, 1, item.key, item.payload,
+                                "" if item.maxlen is None else item.maxlen,
+                                *_flatten(item.then),
+                            )  # fmt: skip
                         elif item.maxlen is None:
                             pipe.execute_command("XADD", item.key, "*", EVENT_FIELD, item.payload)
                         else:
@@ -839,8 +875,6 @@ class RedisStreamsTransport(Transport):
                                 "XADD", item.key, "MAXLEN", "~", item.maxlen, "*",
                                 EVENT_FIELD, item.payload,
                             )  # fmt: skip
-                        for command in item.then:
-                            pipe.execute_command(*command)
                     async with asyncio.timeout(WRITE_TIMEOUT_S):
                         replies = iter(await pipe.execute(raise_on_error=False))
             except _REDIS_DOWN as exc:
@@ -854,8 +888,9 @@ class RedisStreamsTransport(Transport):
             published: dict[str, int] = {}
             for item in batch:
                 result = next(replies)
+                separate = item.then if item.marker is not None else ()
                 then_errors = [
-                    r for r in (next(replies) for _ in item.then) if isinstance(r, Exception)
+                    r for r in (next(replies) for _ in separate) if isinstance(r, Exception)
                 ]
                 self._outbox.popleft()
                 self._flushed_seq += 1
@@ -1589,12 +1624,12 @@ class EventBus:
     async def publish(self, event: Event, *, then: Commands = ()) -> Event:
         """Validate, stamp (source, correlation id) and hand `event` to the transport.
 
-        `then`: Redis commands (`("HSET", key, field, value)`, ...) sent right after the
-        event's XADD in the same pipeline, so they are written only once the event is and
-        cost no round trip of their own: state that must never be saved ahead of the event
-        it belongs to (features' engine state). The Redis transport only. With `then`,
-        publish returns once the event and the commands are in Redis, and raises Redis's
-        error if it refused one of them.
+        `then`: Redis commands (`("HSET", key, field, value)`, ...) run right after the
+        event's XADD in one script in the same pipeline, so they are written only if the
+        event is and cost no round trip of their own: state that must never be saved
+        ahead of the event it belongs to (features' engine state). The Redis transport
+        only. With `then`, publish returns once the event and the commands are in Redis,
+        and raises Redis's error if it refused one of them.
 
         Returns the stamped event. Raises `QueueFullError` ("Queue is full") when the bounded
         queue or outbox is full, and `TypeError` for anything but an `Event`.
