@@ -611,6 +611,10 @@ class RedisStreamsTransport(Transport):
         self._published_seq = 0  # events accepted into the outbox so far
         self._flushed_seq = 0  # of those, how many Redis has answered for
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        #: Handled deliveries whose ack still waits for their outputs' writes.
+        self._settling = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
         self._outbox_wakeup = asyncio.Event()
         self._acks: dict[str, list[str]] = {}
         self._ack_wakeup = asyncio.Event()
@@ -938,6 +942,9 @@ class RedisStreamsTransport(Transport):
                 waiter = loop.create_future()
                 self._flush_waiters.append((target, waiter))
                 await waiter
+            # Acks of handled events queue once their outputs are written, which may be
+            # a callback or two after the write (features' batches): wait for those too.
+            await self._settled.wait()
             acks = self._acks_queued
             if self._acks_sent < acks:
                 waiter = loop.create_future()
@@ -1149,11 +1156,16 @@ class RedisStreamsTransport(Transport):
             self._settle(delivery)
             return
         remaining = len(pending)
+        self._settling += 1
+        self._settled.clear()
 
         def written(_: asyncio.Future[Any]) -> None:
             nonlocal remaining
             remaining -= 1
             if remaining == 0:
+                self._settling -= 1
+                if not self._settling:
+                    self._settled.set()
                 self._settle(delivery)
 
         for output in pending:
