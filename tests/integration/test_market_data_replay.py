@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from hean.core.event_streams import stream_key
 from hean.core.types import EventType
-from hean.market_data.service import MarketDataSettings, build
+from hean.market_data.service import MarketDataSettings, build, redis_lag_probe
+from tests.conftest import RedisServer
 from tests.helpers import eventually
 from tests.integration.signal_path_helpers import FAST, read, running
 
@@ -163,3 +166,25 @@ def test_market_data_bad_setting_refused_naming_variable(
     )
     assert result.returncode == 2
     assert variable in result.stderr.decode()
+
+
+async def test_replay_lag_probe_reads_the_slowest_group_and_rides_out_a_redis_outage(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """The backpressure probe answers the CANDLE lag of the slowest group, and 0 (go on,
+    the outbox bound holds the replay) while Redis is down, instead of ending the replay
+    with a ConnectionError (found by the Redis-restart chaos test)."""
+    server = redis_factory()
+    client = aioredis.Redis.from_url(server.url, socket_connect_timeout=1)
+    try:
+        probe = redis_lag_probe(client)
+        assert await probe() == 0  # no stream yet
+        key = stream_key(EventType.CANDLE)
+        for _ in range(5):
+            await client.xadd(key, {"event": b"{}"})
+        await client.xgroup_create(key, "features", id="0")
+        assert await probe() == 5
+        server.stop()
+        assert await probe() == 0
+    finally:
+        await client.aclose()

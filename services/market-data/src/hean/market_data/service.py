@@ -311,7 +311,10 @@ LagProbe = Callable[[], Awaitable[int]]
 
 
 def redis_lag_probe(client: aioredis.Redis) -> LagProbe:
-    """Entries of the CANDLE stream not yet delivered to its slowest consumer group."""
+    """Entries of the CANDLE stream not yet delivered to its slowest consumer group.
+
+    0 while Redis cannot be asked: the replay then goes on into the bus's outbox, whose
+    bound holds it back until Redis is back (an outage must not end the replay)."""
 
     async def lag() -> int:
         key = stream_key(EventType.CANDLE)
@@ -319,6 +322,9 @@ def redis_lag_probe(client: aioredis.Redis) -> LagProbe:
             groups = await client.xinfo_groups(key)
         except aioredis.ResponseError:
             return 0  # no stream yet
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            log.debug("lag probe: Redis unreachable (%s)", exc)
+            return 0
         worst = 0
         for group in groups:
             value = group.get("lag") if isinstance(group, dict) else None
