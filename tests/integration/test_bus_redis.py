@@ -853,3 +853,40 @@ async def test_bus_worker_takes_next_event_while_an_ack_waits_and_acks_in_any_or
         features.ack_after(loop.create_future())
     with pytest.raises(RuntimeError, match="not running"):
         EventBus().publish_nowait(tick(4))
+
+
+async def test_bus_after_a_lost_connection_first_handles_what_redis_handed_it_unseen(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    """A read whose reply is lost with the connection leaves its entries pending for this
+    consumer, unseen. After reconnecting the bus takes them before newer entries, not only
+    once idle (`claim_idle_ms`), when the newer ones would long be handled."""
+    bus = make_bus(redis_url, "features", claim_idle_ms=600_000)
+    seen: list[int] = []
+    bus.subscribe(EventType.TICK, lambda event: seen.append(event.data["seq"]))
+    await bus.start()
+    buses.append(bus)
+    publisher = make_bus(redis_url, "market-data")
+    await publisher.start()
+    buses.append(publisher)
+    await publisher.publish(tick(1))
+    await publisher.flush()
+
+    async def first() -> bool:
+        return seen == [1]
+
+    await eventually(first, timeout=10)
+    # In one transaction, so the bus cannot get in between: its connections die, and
+    # Redis hands tick 2 to its consumer, as it would a read whose reply never arrived.
+    async with redis_client.pipeline(transaction=True) as pipe:
+        pipe.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        pipe.xadd(TICKS, {"event": tick(2).to_json()})
+        pipe.xreadgroup("features", "features-1", {TICKS: ">"}, count=10)
+        await pipe.execute()
+    await redis_client.xadd(TICKS, {"event": tick(3).to_json()})
+
+    async def all_three() -> bool:
+        return len(seen) >= 3
+
+    await eventually(all_three, timeout=10)
+    assert seen == [1, 2, 3]

@@ -613,6 +613,10 @@ class RedisStreamsTransport(Transport):
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: Handled deliveries whose ack still waits for their outputs' writes.
         self._settling = 0
+        #: After a lost connection: entries Redis handed us whose reply never arrived are
+        #: pending for us unseen; each read loop takes its own pending first (per loop).
+        self._reread_plain = False
+        self._reread_conflated = False
         self._settled = asyncio.Event()
         self._settled.set()
         self._outbox_wakeup = asyncio.Event()
@@ -976,6 +980,13 @@ class RedisStreamsTransport(Transport):
                 if not self._recovered_at_start:
                     await self._recover_at_start()
                     continue
+                if self._reread_plain:
+                    # A reply lost with the connection leaves its entries pending for us,
+                    # unseen: handle them before anything newer (per-key order).
+                    self._reread_plain = False
+                    for event_type in plain:
+                        await self._read_own_pending(stream_key(event_type))
+                    continue
                 streams: dict[Any, Any] = {stream_key(t): ">" for t in plain}
                 response: Any = await self._reader.xreadgroup(
                     self.config.group,
@@ -1024,6 +1035,7 @@ class RedisStreamsTransport(Transport):
             log.error("%s failed: %s", what, exc)
         else:
             self._set_connected(False, exc)
+            self._reread_plain = self._reread_conflated = True
         await asyncio.sleep(backoff.next_delay())
 
     async def _read_conflated(self) -> None:
@@ -1034,6 +1046,10 @@ class RedisStreamsTransport(Transport):
         count = max(self.config.batch_size * 100, 1000)
         async with self._conflate_lock:  # one reader at a time: marks never go backwards
             await self._ensure_groups()
+            if self._reread_conflated:  # see _read_loop
+                self._reread_conflated = False
+                for event_type in types:
+                    await self._read_own_pending(stream_key(event_type), self.client)
             while self._running:
                 response: Any = await self.client.xreadgroup(
                     self.config.group,
@@ -1374,14 +1390,16 @@ class RedisStreamsTransport(Transport):
             if cursor == "0-0":
                 return
 
-    async def _read_own_pending(self, stream: str) -> None:
-        """Entries this consumer (same name: a stable INSTANCE_ID) read before a restart but
-        never acked: handled first, in order, before anything new."""
+    async def _read_own_pending(self, stream: str, client: aioredis.Redis | None = None) -> None:
+        """Entries this consumer (same name: a stable INSTANCE_ID) read before a restart, or
+        before a lost connection, but never acked: handled first, in order, before anything
+        new. Those being handled here or whose ack is queued are left alone."""
         cursor = "0-0"
-        assert self._reader is not None
+        reader = client or self._reader
+        assert reader is not None
         while True:
             await self._wait_capacity()
-            response: Any = await self._reader.xreadgroup(
+            response: Any = await reader.xreadgroup(
                 self.config.group,
                 self.config.consumer,
                 {stream: cursor},
@@ -1407,7 +1425,12 @@ class RedisStreamsTransport(Transport):
             log.warning(
                 "%d pending entries of %s were trimmed before handling", len(deleted), stream
             )
-        fresh = [(as_str(i), f) for i, f in claimed if (stream, as_str(i)) not in self._in_flight]
+        acked = set(self._acks.get(stream, ()))  # handled; the ack waits for Redis
+        fresh = [
+            (entry_id, f)
+            for entry_id, f in ((as_str(i), f) for i, f in claimed)
+            if (stream, entry_id) not in self._in_flight and entry_id not in acked
+        ]
         if not fresh:
             return
         counts = await self._delivery_counts(stream, [i for i, _ in fresh])
