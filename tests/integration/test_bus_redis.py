@@ -53,6 +53,13 @@ def make_bus(url: str, group: str, consumer: str | None = None, **overrides: obj
     return EventBus(RedisStreamsTransport(config), metrics=Metrics(), source=config.consumer)
 
 
+async def started(bus: EventBus, buses: list[EventBus]) -> EventBus:
+    """`bus`, started, and stopped when the test ends (the `buses` fixture)."""
+    await bus.start()
+    buses.append(bus)
+    return bus
+
+
 @pytest.fixture
 async def buses() -> AsyncIterator[list[EventBus]]:
     started: list[EventBus] = []
@@ -74,9 +81,7 @@ async def test_bus_two_groups_each_receive_every_event(
         bus.subscribe(EventType.TICK, record)
         await bus.start()
         buses.append(bus)
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
 
     for i in range(300):
         await publisher.publish(tick(i))
@@ -105,9 +110,7 @@ async def test_bus_three_consumers_in_one_group_split_work_without_duplicates(
         bus.subscribe(EventType.TICK, on_tick)
         await bus.start()
         buses.append(bus)
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
 
     ids = [(await publisher.publish(tick(i, symbols[i % 12]))).event_id for i in range(600)]
     await publisher.flush(10)
@@ -353,9 +356,7 @@ async def test_bus_retention_trims_high_frequency_streams_keeps_order_streams(
 async def test_bus_pending_entries_deleted_before_handling_are_acked_and_counted(
     redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
 ) -> None:
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
     for i in range(5):
         await publisher.publish(tick(i))
     await publisher.flush(10)
@@ -415,9 +416,7 @@ async def test_bus_reports_group_lag_and_pending_as_metrics(
     consumer.subscribe(EventType.TICK, slow)
     await consumer.start()
     buses.append(consumer)
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
     for i in range(300):
         await publisher.publish(tick(i))
     await publisher.flush(10)
@@ -442,9 +441,7 @@ async def _strand(
 ) -> None:
     """Ticks 0..n-1 read by `consumer` of group "auditor", which dies before acking them;
     then ticks n..2n-1 arrive while nobody runs."""
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
     for i in range(n):
         await publisher.publish(tick(i))
     await publisher.flush(10)
@@ -579,9 +576,7 @@ async def test_bus_conflated_subscription_handles_newest_per_symbol_and_acks_the
     for bus in (risk, execution):
         await bus.start()
         buses.append(bus)
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
 
     # One burst lands between two conflated reads: only each symbol's last tick is handled.
     await asyncio.sleep(0.35)
@@ -664,9 +659,7 @@ async def test_bus_conflated_marks_are_handled_before_a_later_plain_event_of_tha
     )
     await risk.start()
     buses.append(risk)
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
 
     for round_ in range(1, 11):
         for i in range(5):  # the last of these is the mark the signal was priced against
@@ -707,9 +700,7 @@ async def test_bus_publish_then_commands_ride_the_events_pipeline_and_gate_the_a
     features.subscribe(EventType.TICK, on_candle)
     await features.start()
     buses.append(features)
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
     await publisher.publish(tick(1))
     await publisher.flush()
 
@@ -753,9 +744,7 @@ async def test_bus_write_on_ack_goes_with_the_ack_and_a_failed_handlers_write_is
     strategy.subscribe(EventType.TICK, on_tick)
     await strategy.start()
     buses.append(strategy)
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
     for seq in (1, 2):
         await publisher.publish(tick(seq))
     await publisher.flush()
@@ -802,9 +791,7 @@ async def test_bus_worker_takes_next_event_while_an_ack_waits_and_acks_in_any_or
     features.subscribe(EventType.TICK, on_tick)
     await features.start()
     buses.append(features)
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
     for seq in (1, 2, 3):
         await publisher.publish(tick(seq))  # one key: one worker lane, handled in order
     await publisher.flush()
@@ -866,9 +853,7 @@ async def test_bus_after_a_lost_connection_first_handles_what_redis_handed_it_un
     bus.subscribe(EventType.TICK, lambda event: seen.append(event.data["seq"]))
     await bus.start()
     buses.append(bus)
-    publisher = make_bus(redis_url, "market-data")
-    await publisher.start()
-    buses.append(publisher)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
     await publisher.publish(tick(1))
     await publisher.flush()
 
