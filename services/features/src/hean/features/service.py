@@ -277,9 +277,13 @@ class FeaturesService:
         The items resolve once all of it is in Redis."""
         states = {item.symbol: item.state for item in items}  # the latest per symbol
         *rows, last = items
-        written = [self.bus.publish_nowait(item.event) for item in rows]
-        save = [self.store.save_command(states)]
-        written.append(self.bus.publish_nowait(last.event, then=save))
+        try:
+            written = [self.bus.publish_nowait(item.event) for item in rows]
+            save = [self.store.save_command(states)]
+            written.append(self.bus.publish_nowait(last.event, then=save))
+        except Exception as exc:  # the outbox is full: every item of the batch fails
+            self._refused(states, exc)
+            raise
         remaining = len(written)
 
         def one_written(_: asyncio.Future[str]) -> None:
@@ -299,11 +303,7 @@ class FeaturesService:
     ) -> None:
         error = next((f.exception() for f in written if f.exception() is not None), None)
         if error is not None:
-            # Redis refused part of the batch: its candles stay unacked and are delivered
-            # again, so the engines go back to their last saved state to process them anew.
-            self.last_error = f"{type(error).__name__}: {error}"
-            for symbol in states:
-                self._rollback(symbol)
+            self._refused(states, error)
             for item in items:
                 if not item.done.done():
                     item.done.set_exception(error)
@@ -316,6 +316,13 @@ class FeaturesService:
             self.m_published.labels(item.symbol).inc()
             if not item.done.done():
                 item.done.set_result(None)
+
+    def _refused(self, states: Mapping[str, Any], error: BaseException) -> None:
+        """A batch that will not be written: its candles stay unacked and come again, so
+        its symbols' engines go back to their last saved state to process them anew."""
+        self.last_error = f"{type(error).__name__}: {error}"
+        for symbol in states:
+            self._rollback(symbol)
 
     def health_check(self) -> dict[str, Any]:
         if self.last_error is not None:
