@@ -570,6 +570,24 @@ class _AckBatch:
         return len(self.commands) + sum(1 for ids in self.acks.values() if ids)
 
 
+def when_all_done(futures: Sequence[asyncio.Future[Any]], callback: Callable[[], None]) -> None:
+    """Call `callback` once every one of `futures` is done (at once if they all are)."""
+    pending = [future for future in futures if not future.done()]
+    if not pending:
+        callback()
+        return
+    remaining = len(pending)
+
+    def one_done(_: asyncio.Future[Any]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0:
+            callback()
+
+    for future in pending:
+        future.add_done_callback(one_done)
+
+
 def _flatten(commands: Commands) -> list[Any]:
     """`_PUBLISH_THEN`'s ARGV tail: each command as its argument count, then its arguments."""
     flat: list[Any] = []
@@ -1167,25 +1185,19 @@ class RedisStreamsTransport(Transport):
         # that: it takes its next event while the outbox writes this one's outputs (in
         # the order they were published, so per key the outputs stay in order), and the
         # ack follows the last write. A lane costs handler time per event, not a round trip.
-        pending = [output for output in delivery.outputs if not output.done()]
-        if not pending:
+        if all(output.done() for output in delivery.outputs):
             self._settle(delivery)
             return
-        remaining = len(pending)
         self._settling += 1
         self._settled.clear()
 
-        def written(_: asyncio.Future[Any]) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                self._settling -= 1
-                if not self._settling:
-                    self._settled.set()
-                self._settle(delivery)
+        def written() -> None:
+            self._settling -= 1
+            if not self._settling:
+                self._settled.set()
+            self._settle(delivery)
 
-        for output in pending:
-            output.add_done_callback(written)
+        when_all_done(delivery.outputs, written)
 
     def _settle(self, delivery: Delivery) -> None:
         """Ack a handled delivery whose outputs are all written (or failed: then not)."""

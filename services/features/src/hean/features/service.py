@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 from pydantic import Field
 
-from hean.core.bus import EventBus, worker_lane
+from hean.core.bus import EventBus, when_all_done, worker_lane
 from hean.core.errors import PermanentError
 from hean.core.event_streams import as_str
 from hean.core.metrics import Metrics
@@ -284,16 +284,7 @@ class FeaturesService:
         except Exception as exc:  # the outbox is full: every item of the batch fails
             self._refused(states, exc)
             raise
-        remaining = len(written)
-
-        def one_written(_: asyncio.Future[str]) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                self._sent(items, states, written)
-
-        for future in written:
-            future.add_done_callback(one_written)
+        when_all_done(written, partial(self._sent, items, states, written))
 
     def _sent(
         self,
