@@ -142,6 +142,30 @@ async def test_order_path_signal_becomes_fill_and_pnl_update(redis_url, redis_cl
         assert Decimal(update.data["fees"]) == Decimal(fills[0].data["fee"])
         # the fill carries the signal's correlation id through risk and execution
         assert fills[0].correlation_id == signal.event_id
+        # Risk decided the order as it sized it; the request is in its stream all the same,
+        # and read back by risk it is acked without a second decision.
+        requests = await events(redis_url, EventType.ORDER_REQUEST)
+        assert [r.data["order_id"] for r in requests] == [f"o{signal.event_id}"]
+        await eventually(lambda: _all_acked(redis_client, EventType.ORDER_REQUEST, "risk", 1))
+        approvals = await events(redis_url, EventType.ORDER_APPROVED)
+        assert [a.data["order_id"] for a in approvals] == [f"o{signal.event_id}"]
+        assert approvals[0].correlation_id == signal.event_id
+
+        # An order request from anyone else (the guide's manual orders) is decided when
+        # risk reads it.
+        manual = Event(
+            event_type=EventType.ORDER_REQUEST,
+            data={"order_id": "manual-1", "symbol": "BTC/USDT", "side": "SELL", "size": "2"},
+        )
+        await publish(redis_url, manual)
+
+        async def manual_filled() -> bool:
+            fills = await events(redis_url, EventType.ORDER_FILLED)
+            return any(f.data["order_id"] == "manual-1" for f in fills)
+
+        await eventually(manual_filled)
+        approvals = await events(redis_url, EventType.ORDER_APPROVED)
+        assert [a.data["order_id"] for a in approvals] == [f"o{signal.event_id}", "manual-1"]
     finally:
         for bus, svc in reversed(running):
             await bus.stop()
@@ -152,6 +176,14 @@ async def test_order_path_signal_becomes_fill_and_pnl_update(redis_url, redis_cl
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _all_acked(client: aioredis.Redis, etype: EventType, group: str, count: int) -> bool:
+    """`group` has read `count` entries of the stream and has none pending."""
+    for info in await client.xinfo_groups(stream_key(etype)):
+        if info["name"] == group.encode():
+            return bool(info["entries-read"] == count and info["pending"] == 0)
+    return False
 
 
 async def test_order_path_redelivered_approval_after_restart_places_once(redis_url, redis_client):

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from decimal import Decimal
 from typing import Annotated, Any, cast
 
@@ -57,6 +58,8 @@ COMMAND_GROUP = "risk"
 #: otherwise replay an old reset and lift a kill switch tripped since. Old triggers are still
 #: applied: erring towards stopped trading is the safe side.
 STALE_RESET_S = 300
+#: How many answered order ids risk remembers, to skip its own ORDER_REQUESTs read back.
+ANSWERED_MEMORY = 100_000
 
 UnitDecimal = Annotated[Decimal, Field(gt=0, le=1, allow_inf_nan=False)]
 PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
@@ -118,6 +121,9 @@ class RiskService:
         self.bus = bus
         self.governor = governor
         self._saved_day: tuple[int, Decimal] | None = None  # what DAY_KEY holds
+        #: Orders decided as they were sized (oldest first): their requests read back are
+        #: skipped.
+        self._answered: OrderedDict[str, None] = OrderedDict()
         self.redis = redis
         self.redis_url = redis_url
         self.metrics = metrics
@@ -216,9 +222,37 @@ class RiskService:
             if self.metrics is not None:
                 self.metrics.orders_rejected_total.labels("risk", "sizing").inc()
             return
-        await self.bus.publish(Event(event_type=EventType.ORDER_REQUEST, data=result.data))
+        request = await self.bus.publish(
+            Event(event_type=EventType.ORDER_REQUEST, data=result.data)
+        )
+        # Decided here rather than when the request comes back through Redis: one stream
+        # hop less between a signal and its order. The request is in its stream all the
+        # same (audit, replay, other subscribers); read back, it is already answered. If
+        # deciding fails here, the request read back is decided then, with the bus's
+        # retries and dead letters.
+        order_id = str(request.data["order_id"])
+        try:
+            await self._answer(request)
+        except Exception as exc:  # noqa: BLE001 - the stream path takes over
+            log.warning(
+                "order %s: deciding at once failed (%s: %s); deciding when it is read back",
+                order_id,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        # (Should the decision's write fail, the signal stays unacked and comes back.)
+        self._answered[order_id] = None
+        while len(self._answered) > ANSWERED_MEMORY:
+            self._answered.popitem(last=False)
 
     async def on_order_request(self, event: Event) -> None:
+        if str(event.data.get("order_id")) in self._answered:
+            return  # decided when risk sized it (on_signal)
+        await self._answer(event)
+
+    async def _answer(self, event: Event) -> None:
+        """Decide an ORDER_REQUEST and publish the decision."""
         decision = await self.governor.decide(event)
         await self._save_day()
         if decision.approved:
