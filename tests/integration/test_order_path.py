@@ -16,7 +16,7 @@ from hean.core.event_streams import RedisEventStream, stream_key
 from hean.core.settings import CoreSettings
 from hean.core.types import Event, EventType
 from hean.execution.exchange import MarketRules
-from hean.execution.ledger import OPEN_ORDERS_KEY, MemoryLedger, RedisLedger
+from hean.execution.ledger import OPEN_ORDERS_KEY, ORDER_KEY_PREFIX, MemoryLedger, RedisLedger
 from hean.execution.paper import PaperConfig, PaperExchange
 from hean.execution.service import ExecutionService
 from hean.portfolio.core import Portfolio
@@ -195,6 +195,8 @@ async def test_order_path_redelivered_approval_after_restart_places_once(redis_u
     bus, svc = await start_execution(redis_url, redis_client, "a")
     await publish(redis_url, tick("100"), order)
     await eventually(lambda: _count(redis_url, EventType.ORDER_FILLED, 1))
+    # The ledger's fill and finish go with the approval's ack (after the events are in).
+    await eventually(lambda: _acked_and_finished(redis_client, "dup-1"))
     await bus.stop()
     await svc.stop()
     # a new process (new consumer) sees the same approval again
@@ -206,6 +208,16 @@ async def test_order_path_redelivered_approval_after_restart_places_once(redis_u
     assert await redis_client.scard(OPEN_ORDERS_KEY) == 0
     await bus.stop()
     await svc.stop()
+
+
+async def _acked_and_finished(client: aioredis.Redis, order_id: str) -> bool:
+    ledger = await client.hgetall(ORDER_KEY_PREFIX + order_id)
+    return (
+        ledger.get(b"status") == b"filled"
+        and ledger.get(b"filled") == b"1"
+        and not await client.sismember(OPEN_ORDERS_KEY, order_id)
+        and await _group_done(client, EventType.ORDER_APPROVED, "execution")
+    )
 
 
 async def _group_done(client: aioredis.Redis, etype: EventType, group: str) -> bool:

@@ -99,7 +99,6 @@ class RedisLedger:
         self.client = client
         self.ttl_s = ttl_s
         self._claim = client.register_script(_CLAIM)
-        self._finish = client.register_script(_FINISH)
 
     async def claim(self, order_id: str, symbol: str, size: str, claimer: str = "") -> bool:
         keys = [ORDER_KEY_PREFIX + order_id, OPEN_ORDERS_KEY]
@@ -113,11 +112,21 @@ class RedisLedger:
             await pipe.execute()
 
     async def record_fill(self, order_id: str, filled: str) -> None:
-        await self.client.hset(ORDER_KEY_PREFIX + order_id, "filled", filled)
+        await self.client.execute_command(*self.record_fill_command(order_id, filled))  # type: ignore[no-untyped-call]
 
     async def finish(self, order_id: str, status: str, filled: str) -> None:
-        keys = [ORDER_KEY_PREFIX + order_id, OPEN_ORDERS_KEY]
-        await self._finish(keys=keys, args=[status, filled, order_id])
+        await self.client.execute_command(*self.finish_command(order_id, status, filled))  # type: ignore[no-untyped-call]
+
+    # The same writes as Redis commands, for `EventBus.write_on_ack` (both idempotent).
+
+    @staticmethod
+    def record_fill_command(order_id: str, filled: str) -> tuple[str, ...]:
+        return ("HSET", ORDER_KEY_PREFIX + order_id, "filled", filled)
+
+    @staticmethod
+    def finish_command(order_id: str, status: str, filled: str) -> tuple[str | int, ...]:
+        keys = (ORDER_KEY_PREFIX + order_id, OPEN_ORDERS_KEY)
+        return ("EVAL", _FINISH, 2, *keys, status, filled, order_id)
 
     async def open_orders(self) -> dict[str, dict[str, str]]:
         ids = [as_str(i) for i in await self.client.smembers(OPEN_ORDERS_KEY)]

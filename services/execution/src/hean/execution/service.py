@@ -30,7 +30,7 @@ from hean.core.event_streams import decode_entry, stream_key
 from hean.core.metrics import Metrics
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, ExchangeSettings
-from hean.core.types import Event, EventType, InvalidEventError
+from hean.core.types import Event, EventType, InvalidEventError, current_event
 from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
 from hean.execution.exchange import (
     ChildOrder,
@@ -258,8 +258,8 @@ class ExecutionService:
         data = event.data
         order_id = str(data["order_id"])
         symbol = str(data["symbol"])
-        if order_id in self.parents:
-            log.info("order %s is being worked here; redelivery ignored", order_id)
+        if order_id in self.parents or order_id in self._finished:
+            log.info("order %s is being or was worked here; redelivery ignored", order_id)
             return
         if not await self.ledger.claim(order_id, symbol, str(data["size"]), self.claimer):
             log.info("order %s already handled; redelivery ignored", order_id)
@@ -376,6 +376,30 @@ class ExecutionService:
             for fill in result.fills:
                 await self._on_exchange_fill(fill)
 
+    # Ledger writes made while handling an event go with its ack (`EventBus.write_on_ack`):
+    # no round trip of their own in the symbol's lane, and never ahead of the ORDER_FILLED
+    # or ORDER_CANCELLED they follow (a crash in between leaves the order open in the
+    # ledger, which the restart reconciles). The claim is not deferred: it is the gate.
+
+    def _defer_ledger(self) -> bool:
+        return (
+            isinstance(self.ledger, RedisLedger)
+            and self.bus.transport.name == "redis"
+            and current_event.get() is not None
+        )
+
+    async def _ledger_record_fill(self, order_id: str, filled: str) -> None:
+        if self._defer_ledger():
+            self.bus.write_on_ack(*RedisLedger.record_fill_command(order_id, filled))
+        else:
+            await self.ledger.record_fill(order_id, filled)
+
+    async def _ledger_finish(self, order_id: str, status: str, filled: str) -> None:
+        if self._defer_ledger():
+            self.bus.write_on_ack(*RedisLedger.finish_command(order_id, status, filled))
+        else:
+            await self.ledger.finish(order_id, status, filled)
+
     async def _placed(self, parent: ParentOrder, child: ChildOrder, exchange_id: str) -> None:
         if self.metrics is not None:
             self.metrics.orders_total.labels(child.symbol, child.side.value, child.type).inc()
@@ -432,7 +456,7 @@ class ExecutionService:
                 },
             )
         )
-        await self.ledger.record_fill(parent.order_id, str(parent.filled_qty))
+        await self._ledger_record_fill(parent.order_id, str(parent.filled_qty))
         if parent.status is ParentStatus.FILLED and parent.order_id in self.parents:
             await self._finish(parent)
 
@@ -451,7 +475,7 @@ class ExecutionService:
                 },
             )
         )
-        await self.ledger.finish(order_id, ParentStatus.REJECTED.value, "0")
+        await self._ledger_finish(order_id, ParentStatus.REJECTED.value, "0")
         self.parents.pop(order_id, None)
 
     async def _cancelled(self, parent: ParentOrder, reason: str) -> None:
@@ -470,7 +494,7 @@ class ExecutionService:
         await self._finish(parent)
 
     async def _finish(self, parent: ParentOrder) -> None:
-        await self.ledger.finish(parent.order_id, parent.status.value, str(parent.filled_qty))
+        await self._ledger_finish(parent.order_id, parent.status.value, str(parent.filled_qty))
         if self.metrics is not None:
             self.metrics.order_fill_ratio.observe(float(parent.filled_qty / parent.size))
         self.parents.pop(parent.order_id, None)
