@@ -12,8 +12,10 @@ measures:
    every ORDER_FILLED is matched to its CANDLE and to that bar's last TICK; latencies are
    differences of envelope timestamps (creation times, ns, one clock). Per-hop latencies
    along CANDLE -> FEATURES_READY -> ML_PREDICTION -> SIGNAL -> ORDER_REQUEST ->
-   ORDER_APPROVED -> ORDER_PLACED -> ORDER_FILLED show where the time goes.
-2. The floor: a bare redis-py chain of the same six hops (XADD -> XREADGROUP -> XADD to the
+   ORDER_APPROVED -> ORDER_PLACED -> ORDER_FILLED show where the time goes. Five of those
+   are stream hops (features, ml-service, strategy, risk, execution); risk sizes and
+   decides an order in one handler, and execution places and fills it in one.
+2. The floor: a bare redis-py chain of the same five hops (XADD -> XREADGROUP -> XADD to the
    next stream ... -> final XREADGROUP, each hop its own process, XADD and XACK in one
    MULTI), same Redis, same run, fed at the same tick rates.
 3. The highest tick rate sustained without backlog growth through market-data -> features
@@ -90,9 +92,10 @@ CHAIN = (
     E.ORDER_FILLED,
 )
 # The stream reads between a CANDLE's creation and its ORDER_FILLED's: features (CANDLE),
-# ml-service (FEATURES_READY), strategy (ML_PREDICTION), risk (SIGNAL, ORDER_REQUEST),
-# execution (ORDER_APPROVED; ORDER_PLACED and ORDER_FILLED are created in that handler).
-HOPS = 6
+# ml-service (FEATURES_READY), strategy (ML_PREDICTION), risk (SIGNAL; ORDER_REQUEST and
+# its decision are created in that handler), execution (ORDER_APPROVED; ORDER_PLACED and
+# ORDER_FILLED are created in that handler).
+HOPS = 5
 SIGNAL_PATH_GROUPS = (
     (E.CANDLE, "features"),
     (E.FEATURES_READY, "ml-service"),
