@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from hean.core.bus import BusState, EventBus, RedisBusConfig, RedisStreamsTransport
 from hean.core.errors import PermanentError, QueueFullError
-from hean.core.event_streams import DLQ_STREAM, RedisEventStream, stream_key
+from hean.core.event_streams import DLQ_STREAM, EVENT_FIELD, RedisEventStream, stream_key
 from hean.core.metrics import Metrics
 from hean.core.types import Event, EventType
 from tests.conftest import RedisServer
@@ -674,6 +674,35 @@ async def test_bus_conflated_marks_are_handled_before_a_later_plain_event_of_tha
         await eventually(lambda: len(seen_at_signal) == round_, timeout=10)  # noqa: B023
 
     assert seen_at_signal == [(r, r * 10 + 4) for r in range(1, 11)]
+
+
+async def test_bus_conflated_entry_older_than_one_handed_out_is_acked_unhandled(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    """The conflated loop's read and the one sent behind a plain read can answer out of
+    order: per key, an entry older than one already handed out is acked, not handled (a
+    mark never goes backwards)."""
+    marks: list[int] = []
+    risk = make_bus(redis_url, "risk", conflate_interval_s=60.0)
+    risk.subscribe(EventType.TICK, lambda e: marks.append(e.data["seq"]), conflate=True)
+    await risk.start()
+    buses.append(risk)
+    key = stream_key(EventType.TICK)
+    # Two ticks, taken by two reads at once (one MULTI: the bus cannot read in between).
+    async with redis_client.pipeline(transaction=True) as pipe:
+        for seq in (1, 2):
+            pipe.xadd(key, {EVENT_FIELD: tick(seq).to_json()})
+        for _ in range(2):
+            pipe.xreadgroup("risk", "elsewhere", {key: ">"}, count=1)
+        *_, older, newer = await pipe.execute()
+    transport = risk.transport
+    assert isinstance(transport, RedisStreamsTransport)
+    await transport._accept_conflated(key, newer[0][1])  # the newer reply handled first
+    await transport._accept_conflated(key, older[0][1])
+    await risk.flush(5)
+    assert marks == [2]
+    assert transport.conflated_count == 1
+    assert (await redis_client.xpending(key, "risk"))["pending"] == 0
 
 
 async def test_bus_publish_then_commands_ride_the_events_pipeline_and_gate_the_ack(

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from hean.core.bus import EventBus
 from hean.core.event_streams import RedisEventStream, stream_key
+from hean.core.resp import RespConnection
 from hean.core.settings import CoreSettings
 from hean.core.types import Event, EventType
 from hean.execution.exchange import MarketRules
@@ -76,7 +77,8 @@ async def start_risk(url: str, client: aioredis.Redis, instance: str = "1"):
 async def start_execution(url: str, client: aioredis.Redis, instance: str = "1"):
     bus = bus_for(url, "execution", instance)
     exchange = PaperExchange(PaperConfig(markets={"BTC/USDT": BTC}))
-    svc = ExecutionService(bus, exchange, ledger=RedisLedger(client))
+    ledger = RedisLedger(client, fast=RespConnection(url))
+    svc = ExecutionService(bus, exchange, ledger=ledger)
     await svc.start()
     await bus.start()
     return bus, svc
@@ -451,10 +453,14 @@ async def test_order_path_ledger_claim_repeated_by_its_claimer_only_while_workin
 ):
     # A claim whose reply was lost (Redis restarting) is retried by the same process: it
     # must succeed again, or the approved order is never placed; nobody else may take it.
-    for ledger in (RedisLedger(redis_client), MemoryLedger()):
+    fast = RespConnection(redis_url)
+    ledgers = (RedisLedger(redis_client), RedisLedger(redis_client, fast=fast), MemoryLedger())
+    for ledger in ledgers:
+        await redis_client.delete(ORDER_KEY_PREFIX + "o-lost")
         assert await ledger.claim("o-lost", "BTC/USDT", "1", "proc-a")
         assert await ledger.claim("o-lost", "BTC/USDT", "1", "proc-a")
         assert not await ledger.claim("o-lost", "BTC/USDT", "1", "proc-b")
         assert not await ledger.claim("o-lost", "BTC/USDT", "1")
         await ledger.finish("o-lost", "filled", "1")
         assert not await ledger.claim("o-lost", "BTC/USDT", "1", "proc-a")
+    await ledgers[1].aclose()

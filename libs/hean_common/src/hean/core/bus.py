@@ -66,7 +66,7 @@ from hean.core.event_streams import (
     stream_maxlen,
 )
 from hean.core.metrics import Metrics
-from hean.core.resp import RespConnection
+from hean.core.resp import RespConnection, xread_reply, xreadgroup_args
 from hean.core.settings import CoreSettings, redact_url
 from hean.core.topology import ensure_topology
 from hean.core.types import Event, EventType, InvalidEventError, current_event
@@ -600,6 +600,12 @@ def _flatten(commands: Commands) -> list[Any]:
     return flat
 
 
+def _entry_position(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>") as a comparable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _wake(
     waiters: list[tuple[int, asyncio.Future[None]]], reached: int
 ) -> list[tuple[int, asyncio.Future[None]]]:
@@ -650,6 +656,8 @@ class RedisStreamsTransport(Transport):
         self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._ack_commands: list[tuple[Any, ...]] = []  # EventBus.write_on_ack, in order
         self._conflate_lock = asyncio.Lock()
+        #: Per conflated stream and key, the newest entry handed out (see _accept_conflated).
+        self._conflated_last: dict[tuple[str, str], tuple[int, int]] = {}
         self._in_flight: set[tuple[str, str]] = set()
         self._capacity = asyncio.Event()
         self._capacity.set()
@@ -996,20 +1004,42 @@ class RedisStreamsTransport(Transport):
                         await self._read_own_pending(stream_key(event_type))
                     continue
                 streams: dict[Any, Any] = {stream_key(t): ">" for t in plain}
-                async with asyncio.timeout(read_timeout):  # a hung Redis, not an idle one
-                    response: Any = await self._reader.xreadgroup(
-                        self.config.group,
-                        self.config.consumer,
-                        streams,
-                        count=self.config.batch_size,
-                        block=self.config.block_ms,
+                read = xreadgroup_args(
+                    self.config.group,
+                    self.config.consumer,
+                    streams,
+                    count=self.config.batch_size,
+                    block=self.config.block_ms,
+                )
+                # The conflated catch-up (see _catch_up_conflated) rides behind the blocking
+                # read on its connection: Redis runs it the moment the read returns, so it
+                # sees every conflated entry added before the plain ones, at no round trip.
+                catch_up = bool(conflated) and not self._reread_conflated
+                commands = [read]
+                if catch_up:
+                    commands.append(
+                        xreadgroup_args(
+                            self.config.group,
+                            self.config.consumer,
+                            {stream_key(t): ">" for t in conflated},
+                            count=self._conflated_count,
+                        )
                     )
+                async with asyncio.timeout(read_timeout):  # a hung Redis, not an idle one
+                    replies = await self._reader.execute(commands, raise_on_error=False)
+                if isinstance(replies[0], Exception):
+                    raise replies[0]
+                response: Any = xread_reply(replies[0])
             except (ResponseError, *_REDIS_DOWN) as exc:
                 await self._after_read_error(exc, backoff, "XREADGROUP")
                 continue
             backoff.reset()
             self._set_connected(True)
-            if response and conflated:
+            if catch_up:
+                full = await self._accept_caught_up(replies[1])
+                if full and response:
+                    await self._catch_up_conflated()  # more than one read's worth waiting
+            elif response and conflated:
                 await self._catch_up_conflated()
             for raw_stream, entries in response or ():
                 stream = as_str(raw_stream)
@@ -1052,7 +1082,7 @@ class RedisStreamsTransport(Transport):
         types = self.dispatcher.conflated_types
         if not types:
             return
-        count = max(self.config.batch_size * 100, 1000)
+        count = self._conflated_count
         async with self._conflate_lock:  # one reader at a time: marks never go backwards
             await self._ensure_groups()
             if self._reread_conflated:  # see _read_loop
@@ -1074,6 +1104,22 @@ class RedisStreamsTransport(Transport):
                     await self._accept_conflated(as_str(raw_stream), entries)
                 if not full:
                     return
+
+    @property
+    def _conflated_count(self) -> int:
+        return max(self.config.batch_size * 100, 1000)
+
+    async def _accept_caught_up(self, reply: Any) -> bool:
+        """The conflated read sent with a plain read: hand out its entries. True if it was
+        full (more may be waiting). A refusal (NOGROUP) is left to the conflated loop."""
+        if isinstance(reply, Exception):
+            log.debug("conflated catch-up skipped: %s", reply)
+            return False
+        full = False
+        for raw_stream, entries in xread_reply(reply) or ():
+            full = full or len(entries) >= self._conflated_count
+            await self._accept_conflated(as_str(raw_stream), entries)
+        return full
 
     async def _catch_up_conflated(self) -> None:
         """Before plain events are handed out: take the conflated events already in Redis,
@@ -1103,13 +1149,23 @@ class RedisStreamsTransport(Transport):
             if previous is not None:
                 superseded.append(previous[0])
             newest[key] = (entry_id, fields, event)
+        handed: list[tuple[str, Any, Event]] = []
+        for key, (entry_id, fields, event) in newest.items():
+            # Two reads (the conflated loop's and the one sent with a plain read) may
+            # answer out of order: per key, never hand out an older entry after a newer.
+            position = _entry_position(entry_id)
+            if position <= self._conflated_last.get((stream, key), (-1, -1)):
+                superseded.append(entry_id)
+                continue
+            self._conflated_last[(stream, key)] = position
+            handed.append((entry_id, fields, event))
         for entry_id in superseded:
             self._queue_ack(stream, entry_id)
         if superseded and self.metrics is not None:
             label = stream.rsplit(":", 1)[-1]
             self.metrics.events_handled.labels(label, "conflated").inc(len(superseded))
         self.conflated_count += len(superseded)
-        for entry_id, fields, event in newest.values():
+        for entry_id, fields, event in handed:
             await self._accept(stream, entry_id, fields, deliveries=1, event=event)
 
     async def _recreate_groups(self) -> None:

@@ -243,32 +243,46 @@ class RespConnection:
         count: int | None = None,
         block: int | None = None,
     ) -> list[list[Any]] | None:
-        """XREADGROUP, its reply shaped as redis-py's: [[stream, [(id, fields)]]], fields a
-        dict (None for an entry deleted while pending); None when BLOCK ran out."""
-        args: list[Any] = ["XREADGROUP", "GROUP", groupname, consumername]
-        if count is not None:
-            args += ["COUNT", count]
-        if block is not None:
-            args += ["BLOCK", block]
-        args.append("STREAMS")
-        args.extend(streams.keys())
-        args.extend(streams.values())
-        reply = await self.command(*args)
-        if reply is None:
-            return None
-        return [
-            [
-                stream,
-                [(entry[0], None if entry[1] is None else _pairs(entry[1])) for entry in entries],
-            ]
-            for stream, entries in reply
-        ]
+        """XREADGROUP, its reply shaped as redis-py's (see `xread_reply`)."""
+        args = xreadgroup_args(groupname, consumername, streams, count=count, block=block)
+        return xread_reply(await self.command(*args))
 
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
             protocol.fail(RedisConnectionError("connection closed"))
             await protocol.closed
+
+
+def xreadgroup_args(
+    groupname: str,
+    consumername: str,
+    streams: dict[Any, Any],
+    *,
+    count: int | None = None,
+    block: int | None = None,
+) -> list[Any]:
+    """The XREADGROUP command (for `execute`, to send it with others)."""
+    args: list[Any] = ["XREADGROUP", "GROUP", groupname, consumername]
+    if count is not None:
+        args += ["COUNT", count]
+    if block is not None:
+        args += ["BLOCK", block]
+    args.append("STREAMS")
+    args.extend(streams.keys())
+    args.extend(streams.values())
+    return args
+
+
+def xread_reply(reply: Any) -> list[list[Any]] | None:
+    """An XREADGROUP reply shaped as redis-py's: [[stream, [(id, fields)]]], fields a dict
+    (None for an entry deleted while pending); None when BLOCK ran out."""
+    if reply is None:
+        return None
+    return [
+        [stream, [(entry[0], None if entry[1] is None else _pairs(entry[1])) for entry in entries]]
+        for stream, entries in reply
+    ]
 
 
 def _pairs(flat: list[Any]) -> dict[Any, Any]:

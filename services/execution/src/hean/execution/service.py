@@ -28,6 +28,7 @@ from hean.core.circuit_breaker import CircuitBreaker, CircuitBreakerOpenError
 from hean.core.errors import TransientError
 from hean.core.event_streams import decode_entry, stream_key
 from hean.core.metrics import Metrics
+from hean.core.resp import RespConnection
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, ExchangeSettings
 from hean.core.types import Event, EventType, InvalidEventError, current_event
@@ -197,6 +198,7 @@ class ExecutionService:
 
     async def stop(self) -> None:
         await self.exchange.close()
+        await self.ledger.aclose()
 
     def health_check(self) -> dict[str, Any]:
         state = self.breaker.state.value
@@ -521,7 +523,7 @@ def build(ctx: ServiceContext) -> None:
         ctx.bus,
         exchange,
         router=ExecutionRouter(settings.router_config()),
-        ledger=RedisLedger(ctx.redis),
+        ledger=RedisLedger(ctx.redis, fast=RespConnection(settings.redis_url)),
         metrics=ctx.metrics,
         market_history=ctx.redis,
         # A live venue is polled for fills at most 4 times a second, not on every tick.
