@@ -1045,6 +1045,10 @@ class RedisStreamsTransport(Transport):
                 stream = as_str(raw_stream)
                 for raw_id, fields in entries:
                     await self._accept(stream, as_str(raw_id), fields, deliveries=1)
+            if response:
+                # Let the workers start on what was just handed out before the next read
+                # is sent: the events are on the latency path, the next read is not.
+                await asyncio.sleep(0)
 
     async def _conflated_loop(self) -> None:
         """Reads the conflated subscriptions every `conflate_interval_s` (module docstring)."""
