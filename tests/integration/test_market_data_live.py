@@ -191,6 +191,44 @@ async def test_live_feed_missing_bars_reported_as_gap_in_error_and_health(
     assert await harness.bar_indices() == [*range(301), 304, 305, 306]
 
 
+async def test_live_feed_keeps_publishing_when_saving_its_resume_point_fails(
+    venue: tuple[FakeBybit, str], harness: Harness
+) -> None:
+    """Saving the last bar (where a restart resumes) happens after the bars are in Redis;
+    a failed save is reported in health and retried with the next bar, never fatal."""
+    fake, _ = venue
+    fake.add(*range(0, 301))
+    harness.clock.at_bar(300)
+    feed = await harness.start()
+    await eventually(lambda: _has_bars(harness, 300), timeout=15, message="history bars")
+
+    key = "hean:market_data:test:last_bar"
+    await harness.client.delete(key)
+    await harness.client.set(key, "not a hash")  # every save now fails (WRONGTYPE)
+    fake.add(*range(301, 304))
+    harness.clock.at_bar(303)
+    await eventually(lambda: _has_bars(harness, 303), timeout=15, message="bars 300-302")
+    await eventually(lambda: _true(feed.store_error is not None), timeout=5, message="error")
+    health = feed.health_check()
+    assert health["state"] == "degraded"
+    assert "cannot save where to resume" in health["error_message"]
+    assert "WRONGTYPE" in health["error_message"]
+
+    await harness.client.delete(key)
+    fake.add(*range(304, 306))
+    harness.clock.at_bar(305)
+    await eventually(lambda: _has_bars(harness, 305), timeout=15, message="bars 303-304")
+    await eventually(lambda: _true(feed.store_error is None), timeout=5, message="saved again")
+    assert feed.health_check() == {"state": "healthy"}
+    assert await harness.bar_indices() == list(range(305))
+    stored = await harness.client.hget(key, SYMBOL)
+    assert stored is not None and int(stored) == (T0_MS + 304 * BAR_MS) * 1_000_000
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def test_live_feed_restart_resumes_after_last_stored_bar(
     venue: tuple[FakeBybit, str], harness: Harness
 ) -> None:

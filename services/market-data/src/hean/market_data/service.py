@@ -563,6 +563,8 @@ class LiveFeed(_Feed):
         self.gaps: list[Gap] = []
         self.bars_since_gap: dict[str, int] = {}
         self.last_error: str | None = None
+        #: Why the last save of where to resume failed (None: saved).
+        self.store_error: str | None = None
         self._last_tick: dict[str, Decimal] = {}
 
     @property
@@ -695,7 +697,16 @@ class LiveFeed(_Feed):
         # a bar they already have) rather than losing bars.
         await self.bus.flush()
         self.tracker.commit(symbol, candles)
-        await self.store.save(symbol, candles[-1].timestamp_ns)
+        try:
+            await self.store.save(symbol, candles[-1].timestamp_ns)
+        except (aioredis.RedisError, OSError) as exc:
+            # Only where a restart resumes: the bars are in Redis. The next bar's save
+            # writes it; a restart before that republishes a few bars, which consumers
+            # drop as already seen. Not a reason to stop the feed.
+            self.store_error = f"{type(exc).__name__}: {exc}"
+            log.warning("could not save the last %s bar (%s)", symbol, self.store_error)
+        else:
+            self.store_error = None
 
     def health_check(self) -> dict[str, Any]:
         if self.error is not None:
@@ -714,6 +725,11 @@ class LiveFeed(_Feed):
             return {
                 "state": "degraded",
                 "error_message": f"{len(self.gaps)} gap(s); last: {recent[-1].describe()}",
+            }
+        if self.store_error is not None:
+            return {
+                "state": "degraded",
+                "error_message": f"cannot save where to resume after a restart: {self.store_error}",
             }
         return {"state": "healthy"}
 
