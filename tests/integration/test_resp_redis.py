@@ -6,7 +6,7 @@ import asyncio
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,13 @@ from hean.core.resp import RespConnection, pack
 from tests.conftest import RedisServer
 
 
+@pytest.fixture
+async def conn(redis_url: str) -> AsyncIterator[RespConnection]:
+    connection = RespConnection(redis_url)
+    yield connection
+    await connection.aclose()
+
+
 def test_pack_spells_each_argument_as_a_bulk_string() -> None:
     assert pack(("SET", b"k", 1, 2.5)) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n1\r\n$3\r\n2.5\r\n"
     with pytest.raises(DataError, match="bools"):
@@ -27,52 +34,44 @@ def test_pack_spells_each_argument_as_a_bulk_string() -> None:
         pack(("SET", "k", None))
 
 
-async def test_pipeline_replies_in_order_with_refusals_in_place(redis_url: str) -> None:
-    conn = RespConnection(redis_url)
-    try:
-        async with conn.pipeline() as pipe:
-            pipe.execute_command("SET", "s", "text")
-            pipe.execute_command("XADD", "s", "*", "event", b"{}")  # WRONGTYPE
-            pipe.execute_command("INCRBY", "n", 5)
-            pipe.execute_command("GET", "s")
-            replies = await pipe.execute(raise_on_error=False)
-        assert replies[0] == b"OK"
-        assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
-        assert replies[2:] == [5, b"text"]
-        with pytest.raises(ResponseError, match="WRONGTYPE"):
-            await conn.execute([("INCR", "n"), ("XADD", "s", "*", "f", "v")])
-        assert await conn.command("GET", "n") == b"6"  # the command before the refusal ran
-        assert await conn.execute([]) == []
-    finally:
-        await conn.aclose()
+async def test_pipeline_replies_in_order_with_refusals_in_place(conn: RespConnection) -> None:
+    async with conn.pipeline() as pipe:
+        pipe.execute_command("SET", "s", "text")
+        pipe.execute_command("XADD", "s", "*", "event", b"{}")  # WRONGTYPE
+        pipe.execute_command("INCRBY", "n", 5)
+        pipe.execute_command("GET", "s")
+        replies = await pipe.execute(raise_on_error=False)
+    assert replies[0] == b"OK"
+    assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+    assert replies[2:] == [5, b"text"]
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await conn.execute([("INCR", "n"), ("XADD", "s", "*", "f", "v")])
+    assert await conn.command("GET", "n") == b"6"  # the command before the refusal ran
+    assert await conn.execute([]) == []
 
 
 async def test_xreadgroup_answers_like_redis_py(
-    redis_url: str, redis_client: aioredis.Redis
+    conn: RespConnection, redis_client: aioredis.Redis
 ) -> None:
     await redis_client.xgroup_create("st", "g", id="0", mkstream=True)
     ids = [await redis_client.xadd("st", {"event": f"e{i}", "n": i}) for i in range(3)]
-    conn = RespConnection(redis_url)
-    try:
-        ours = await conn.xreadgroup("g", "c", {"st": ">"}, count=2)
-        theirs = await redis_client.xreadgroup("g", "c2", {"st": ">"}, count=5)
-        assert ours == [
-            [
-                b"st",
-                [(ids[0], {b"event": b"e0", b"n": b"0"}), (ids[1], {b"event": b"e1", b"n": b"1"})],
-            ]
+    ours = await conn.xreadgroup("g", "c", {"st": ">"}, count=2)
+    theirs = await redis_client.xreadgroup("g", "c2", {"st": ">"}, count=5)
+    assert ours == [
+        [
+            b"st",
+            [(ids[0], {b"event": b"e0", b"n": b"0"}), (ids[1], {b"event": b"e1", b"n": b"1"})],
         ]
-        assert theirs == [[b"st", [(ids[2], {b"event": b"e2", b"n": b"2"})]]]
-        # An entry deleted while pending comes back without fields.
-        await redis_client.xdel("st", ids[0])
-        pending = await conn.xreadgroup("g", "c", {"st": "0"}, count=10)
-        assert pending == [[b"st", [(ids[0], None), (ids[1], {b"event": b"e1", b"n": b"1"})]]]
-        # BLOCK running out: None, as redis-py.
-        assert await conn.xreadgroup("g", "c", {"st": ">"}, count=1, block=50) is None
-        with pytest.raises(ResponseError, match="NOGROUP"):
-            await conn.xreadgroup("missing", "c", {"st": ">"}, count=1)
-    finally:
-        await conn.aclose()
+    ]
+    assert theirs == [[b"st", [(ids[2], {b"event": b"e2", b"n": b"2"})]]]
+    # An entry deleted while pending comes back without fields.
+    await redis_client.xdel("st", ids[0])
+    pending = await conn.xreadgroup("g", "c", {"st": "0"}, count=10)
+    assert pending == [[b"st", [(ids[0], None), (ids[1], {b"event": b"e1", b"n": b"1"})]]]
+    # BLOCK running out: None, as redis-py.
+    assert await conn.xreadgroup("g", "c", {"st": ">"}, count=1, block=50) is None
+    with pytest.raises(ResponseError, match="NOGROUP"):
+        await conn.xreadgroup("missing", "c", {"st": ">"}, count=1)
 
 
 async def test_a_lost_connection_fails_the_waiting_read_and_the_next_command_reconnects(
@@ -99,20 +98,16 @@ async def test_a_lost_connection_fails_the_waiting_read_and_the_next_command_rec
 
 
 async def test_an_abandoned_reply_closes_the_connection_so_no_caller_gets_another_s_reply(
-    redis_url: str, redis_client: aioredis.Redis
+    conn: RespConnection, redis_client: aioredis.Redis
 ) -> None:
     await redis_client.xgroup_create("st", "g", id="$", mkstream=True)
-    conn = RespConnection(redis_url)
-    try:
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.1):
-                await conn.xreadgroup("g", "c", {"st": ">"}, block=2_000)
-        await redis_client.xadd("st", {"event": "late"})
-        # Had the connection been kept, this GET would be handed the read's late reply.
-        await redis_client.set("k", "v")
-        assert await conn.command("GET", "k") == b"v"
-    finally:
-        await conn.aclose()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await conn.xreadgroup("g", "c", {"st": ">"}, block=2_000)
+    await redis_client.xadd("st", {"event": "late"})
+    # Had the connection been kept, this GET would be handed the read's late reply.
+    await redis_client.set("k", "v")
+    assert await conn.command("GET", "k") == b"v"
 
 
 async def test_redis_down_is_a_connection_error_and_a_restart_is_picked_up(
