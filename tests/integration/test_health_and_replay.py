@@ -4,6 +4,7 @@ settings, replay with count and follow, dead-letter retry and drop."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
 from decimal import Decimal
@@ -134,10 +135,19 @@ async def test_service_serve_runs_components_on_redis_with_health(redis_url: str
         ctx.orchestrator.register_component(name="recorder", component=Recorder(ctx))
 
     task = asyncio.create_task(
-        serve("demo", build, settings, stop_event=stop, ready=lambda c, p: ports.append(p))
+        serve(
+            "demo",
+            build,
+            settings,
+            stop_event=stop,
+            ready=lambda c, p: ports.append(p),
+            freeze_gc=True,
+        )
     )
     try:
         await eventually(lambda: bool(ports), message="service ready")
+        # What start-up built is out of the collector's generations (run_service does this).
+        await eventually(lambda: gc.get_freeze_count() > 0, message="start-up objects frozen")
         publisher = EventBus.redis(CoreSettings(REDIS_URL=redis_url, SERVICE_NAME="execution"))
         await publisher.publish(fill(1))
         await publisher.stop()
@@ -155,6 +165,7 @@ async def test_service_serve_runs_components_on_redis_with_health(redis_url: str
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+        gc.unfreeze()
 
 
 async def _snapshot_for(client: aioredis.Redis, service: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 import os
@@ -65,8 +66,12 @@ async def serve(
     stop_event: asyncio.Event | None = None,
     ready: Callable[[ServiceContext, int], None] | None = None,
     exclusive: bool = True,
+    freeze_gc: bool = False,
 ) -> None:
     """Run service `name` until `stop_event` is set (or SIGTERM/SIGINT).
+
+    `freeze_gc`: once started, move everything allocated so far out of the garbage
+    collector's generations (`gc.freeze`); for a service's own process (`run_service`).
 
     `exclusive`: this service runs as a single consumer of its group (its state is in the
     process), so at start it takes over everything a dead predecessor left pending before
@@ -122,6 +127,13 @@ async def serve(
     )
     if ready is not None:
         ready(ctx, port)
+    if freeze_gc:
+        # What start built (modules, ccxt's market tables, the model, restored state) lives
+        # as long as the process: out of the cyclic collector's reach, a full collection
+        # scans only what running creates. Before, one took 60-96 ms in every service,
+        # a stall every event in flight waited out (the p99 of tick -> fill).
+        gc.collect()
+        gc.freeze()
     try:
         await stop.wait()
     finally:
@@ -158,7 +170,7 @@ def run_service(
     configure_logging(settings)
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(serve(name, build, settings, exclusive=exclusive))
+            runner.run(serve(name, build, settings, exclusive=exclusive, freeze_gc=True))
     except SettingsError as exc:
         log.error("%s", exc)
         return 2
