@@ -1017,14 +1017,7 @@ class RedisStreamsTransport(Transport):
                 catch_up = bool(conflated) and not self._reread_conflated
                 commands = [read]
                 if catch_up:
-                    commands.append(
-                        xreadgroup_args(
-                            self.config.group,
-                            self.config.consumer,
-                            {stream_key(t): ">" for t in conflated},
-                            count=self._conflated_count,
-                        )
-                    )
+                    commands.append(self._conflated_read(list(conflated)))
                 async with asyncio.timeout(read_timeout):  # a hung Redis, not an idle one
                     replies = await self._reader.execute(commands, raise_on_error=False)
                 if isinstance(replies[0], Exception):
@@ -1086,7 +1079,6 @@ class RedisStreamsTransport(Transport):
         types = self.dispatcher.conflated_types
         if not types:
             return
-        count = self._conflated_count
         async with self._conflate_lock:  # one reader at a time: marks never go backwards
             await self._ensure_groups()
             if self._reread_conflated:  # see _read_loop
@@ -1096,34 +1088,37 @@ class RedisStreamsTransport(Transport):
             assert self._conflated_reader is not None
             while self._running:
                 async with asyncio.timeout(READ_TIMEOUT_S):
-                    response: Any = await self._conflated_reader.xreadgroup(
-                        self.config.group,
-                        self.config.consumer,
-                        {stream_key(t): ">" for t in types},
-                        count=count,
-                    )
-                full = False
-                for raw_stream, entries in response or ():
-                    full = full or len(entries) >= count
-                    await self._accept_conflated(as_str(raw_stream), entries)
-                if not full:
+                    reply = await self._conflated_reader.command(*self._conflated_read(types))
+                if not await self._accept_conflated_read(reply):
                     return
 
     @property
     def _conflated_count(self) -> int:
         return max(self.config.batch_size * 100, 1000)
 
-    async def _accept_caught_up(self, reply: Any) -> bool:
-        """The conflated read sent with a plain read: hand out its entries. True if it was
-        full (more may be waiting). A refusal (NOGROUP) is left to the conflated loop."""
-        if isinstance(reply, Exception):
-            log.debug("conflated catch-up skipped: %s", reply)
-            return False
+    def _conflated_read(self, types: Sequence[EventType]) -> list[Any]:
+        """The XREADGROUP of the conflated subscriptions: what is waiting, up to a cap."""
+        streams = {stream_key(t): ">" for t in types}
+        return xreadgroup_args(
+            self.config.group, self.config.consumer, streams, count=self._conflated_count
+        )
+
+    async def _accept_conflated_read(self, reply: Any) -> bool:
+        """Hand out a conflated read's entries (its raw reply). True if it was full: more
+        may be waiting."""
         full = False
         for raw_stream, entries in xread_reply(reply) or ():
             full = full or len(entries) >= self._conflated_count
             await self._accept_conflated(as_str(raw_stream), entries)
         return full
+
+    async def _accept_caught_up(self, reply: Any) -> bool:
+        """The conflated read sent with a plain read (see _accept_conflated_read). A
+        refusal (NOGROUP) is left to the conflated loop."""
+        if isinstance(reply, Exception):
+            log.debug("conflated catch-up skipped: %s", reply)
+            return False
+        return await self._accept_conflated_read(reply)
 
     async def _catch_up_conflated(self) -> None:
         """Before plain events are handed out: take the conflated events already in Redis,
