@@ -388,11 +388,17 @@ def differences(ref: Outcome, run: Outcome) -> list[str]:
     if ref.signals != run.signals:
         missing = sorted(set(ref.signals) - set(run.signals))
         extra = sorted(set(run.signals) - set(ref.signals))
-        problems.append(f"{len(missing)} signals missing, {len(extra)} extra")
+        problems.append(
+            f"{len(missing)} signals missing {missing[:5]}, {len(extra)} extra {extra[:5]}"
+        )
     if ref.approved != run.approved:
         missing = sorted(set(ref.approved) - set(run.approved))
         extra = sorted(set(run.approved) - set(ref.approved))
-        problems.append(f"{len(missing)} approved orders missing, {len(extra)} extra")
+        gone = [(o, ref.approved[o]) for o in missing[:5]]
+        added = [(o, run.approved[o]) for o in extra[:5]]
+        problems.append(
+            f"{len(missing)} approved orders missing {gone}, {len(extra)} extra {added}"
+        )
     unfilled = sorted(set(ref.filled_qty) & set(run.approved) - set(run.filled_qty))
     if unfilled:
         reasons = sorted({r for oid in unfilled for r in run.trail.get(oid, ["no event"])})
