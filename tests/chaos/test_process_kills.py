@@ -2,11 +2,14 @@
 
 Two runs of the whole system (eight services, paper exchange) replay the same slice of the
 bundled BTC file for two symbols: a clean reference run, then a run in which each service
-is SIGKILLed and restarted in turn while bars are still being replayed, with ml-service run
-as three replicas (one of them killed). Both must end with the same signals, the same
-approved orders (id, side, size), every order filled exactly its size, no client order id
-placed twice, no fill id twice, the same positions, a final P&L equal to an independent
-recomputation from the fills, and no entry pending or unread in any consumer group.
+is SIGKILLed and restarted in turn, as a new instance, while bars are still being replayed
+(ml-service while it holds an unacked entry, which its replacement must take over before
+anything newer; killing one of three replicas is `test_replica_kill.py`). Both must end
+with the same signals, the same approved orders (id, side, size), every order filled
+exactly its size, no client order id placed twice, no fill id twice, the same positions, a
+final P&L equal to an independent recomputation from the fills, no prediction made after
+a later bar's (strategy would drop it as stale), and no entry pending or unread in any
+consumer group.
 
 Fill prices are not compared between the runs: the paper exchange fills at the last price
 execution has seen, a race between the TICK and ORDER_APPROVED streams that exists in clean
@@ -16,6 +19,7 @@ to a 0.001 step).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -94,6 +98,32 @@ async def _wait_groups(client: aioredis.Redis, system: System) -> None:
     await wait_for(ready, timeout=60, message="consumer groups", system=system)
 
 
+async def _holding(client: aioredis.Redis, consumer: str, *, within_s: float) -> int:
+    """How many FEATURES_READY entries `consumer` holds unacked, polling until it holds one
+    (or `within_s` passes: then 0)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        info = await client.xpending(stream_key(EventType.FEATURES_READY), "ml-service")
+        held = {c["name"].decode(): int(c["pending"]) for c in info["consumers"]}
+        if held.get(consumer, 0) or time.monotonic() > deadline:
+            return held.get(consumer, 0)
+        await asyncio.sleep(0.001)
+
+
+async def late_predictions(client: aioredis.Redis) -> list[tuple[str, int, int]]:
+    """ML_PREDICTIONs, in stream order, for a bar before one already predicted for their
+    symbol: (symbol, bar, newest bar before it). A repeat of the same bar (at-least-once)
+    is not late."""
+    newest: dict[str, int] = {}
+    late: list[tuple[str, int, int]] = []
+    for event in await events(client, EventType.ML_PREDICTION):
+        symbol, bar = str(event.data["symbol"]), int(event.data["timestamp"])
+        if bar < newest.get(symbol, bar):
+            late.append((symbol, bar, newest[symbol]))
+        newest[symbol] = max(newest.get(symbol, bar), bar)
+    return late
+
+
 def _finished(proc: Proc) -> bool:
     return "replay finished" in proc.log_path.read_text(errors="replace")
 
@@ -147,9 +177,9 @@ async def test_kill_each_service_in_turn_matches_reference_run(
             victim = system.instances(service)[0]
             pending = 0
             if service == "ml-service":
-                info = await client.xpending(stream_key(EventType.FEATURES_READY), "ml-service")
-                consumers = {c["name"].decode(): int(c["pending"]) for c in info["consumers"]}
-                pending = consumers.get(f"ml-service:{victim.instance}", 0)
+                # Killed while it holds an entry (waiting up to 5 s for one), so that its
+                # replacement, under a new name, must take that entry over before newer ones.
+                pending = await _holding(client, f"ml-service:{victim.instance}", within_s=5)
             killed_at = time.monotonic()
             system.kill(victim)
             extra = (
@@ -180,6 +210,7 @@ async def test_kill_each_service_in_turn_matches_reference_run(
         replay_running_at_last_kill = not _finished(md)
         drain_s = await _settle(client, system, md)
         run = await outcome(client)
+        late = await late_predictions(client)
         states = await group_states(client)
         ledger = [k async for k in client.scan_iter(match="hean:execution:order:*")]
         candles = await events(client, EventType.CANDLE)
@@ -222,12 +253,13 @@ async def test_kill_each_service_in_turn_matches_reference_run(
         f"{sum(max(s['lag'], 0) for s in states.values())} unread; {run.events_checked} "
         f"events in the compared streams; drained {drain_s:.1f} s after the replay ended. "
         f"Invariants broken: {problems or 'none'}. Differences from the reference run: "
-        f"{diffs or 'none'}. CANDLEs republished by the restarted market-data replay: "
-        f"{republished}.",
+        f"{diffs or 'none'}. Predictions made after a later bar's: {len(late)}. CANDLEs "
+        f"republished by the restarted market-data replay: {republished}.",
     )
     assert replay_running_at_last_kill, "the last kill came after the replay ended"
     assert all(r[3] == "yes" for r in recoveries)
     assert problems == [], problems
+    assert late == [], f"predictions made after a later bar's (strategy drops them): {late}"
     assert diffs == [], diffs
     assert len(ledger) == len(run.approved)
     assert all(s["pending"] == 0 and s["lag"] == 0 for s in states.values())

@@ -18,7 +18,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from hean.core.bus import BusState, EventBus, RedisBusConfig, RedisStreamsTransport
+from hean.core.bus import (
+    BusState,
+    EventBus,
+    RedisBusConfig,
+    RedisStreamsTransport,
+    consumer_client_name,
+)
 from hean.core.errors import PermanentError, QueueFullError
 from hean.core.event_streams import DLQ_STREAM, EVENT_FIELD, RedisEventStream, stream_key
 from hean.core.metrics import Metrics
@@ -481,6 +487,63 @@ async def test_bus_consumer_restarted_under_same_name_handles_own_pending_first(
     await eventually(lambda: len(seen) == 6, message="every tick")
     assert seen == list(range(6))
     await eventually(lambda: _group_pending_in(redis_client, "auditor", 0), message="acked")
+
+
+async def test_bus_replica_at_start_takes_over_a_gone_consumers_pending_before_new(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    # A replica killed and replaced under a new name: no connection carries the old name,
+    # so the new one takes its entries at once and in order, not after claim_idle_ms.
+    await _strand(redis_url, redis_client, buses, "auditor:killed", 5)
+
+    seen: list[int] = []
+    replacement = make_bus(redis_url, "auditor", "auditor:replacement", claim_idle_ms=600_000)
+    replacement.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+    await started(replacement, buses)
+    await eventually(lambda: len(seen) == 10, message="every tick")
+    assert seen == list(range(10)), "the gone consumer's entries were not handled first"
+    await eventually(lambda: _group_pending_in(redis_client, "auditor", 0), message="acked")
+    rows = await redis_client.xpending_range(TICKS, "auditor", "-", "+", 10)
+    assert rows == []
+    transport = replacement.transport
+    assert isinstance(transport, RedisStreamsTransport) and transport.reclaimed_count == 5
+
+
+async def test_bus_replica_leaves_a_connected_peers_pending_and_takes_them_once_it_is_gone(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    busy = aioredis.Redis.from_url(redis_url, client_name=consumer_client_name("auditor:busy"))
+    try:
+        await _strand(redis_url, busy, buses, "auditor:busy", 4)
+        seen: list[int] = []
+        peer = make_bus(redis_url, "auditor", "auditor:peer", claim_idle_ms=600_000)
+        peer.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+        await started(peer, buses)
+        await eventually(lambda: len(seen) == 4, message="the new ticks")
+        await asyncio.sleep(1.0)  # five claim rounds of 200 ms
+        assert seen == [4, 5, 6, 7], "a connected consumer's entries were taken"
+        info = await redis_client.xpending(TICKS, "auditor")
+        assert {c["name"].decode(): c["pending"] for c in info["consumers"]} == {"auditor:busy": 4}
+    finally:
+        await busy.aclose()  # the busy consumer's process is gone
+    await eventually(lambda: len(seen) == 8, message="the gone peer's ticks")
+    assert seen == [4, 5, 6, 7, 0, 1, 2, 3]
+    await eventually(lambda: _group_pending_in(redis_client, "auditor", 0), message="acked")
+
+
+async def test_bus_takes_a_connected_but_stuck_consumers_entries_once_idle(
+    redis_url: str, buses: list[EventBus]
+) -> None:
+    stuck = aioredis.Redis.from_url(redis_url, client_name=consumer_client_name("auditor:stuck"))
+    try:
+        await _strand(redis_url, stuck, buses, "auditor:stuck", 3)
+        seen: list[int] = []
+        peer = make_bus(redis_url, "auditor", "auditor:peer", claim_idle_ms=500)
+        peer.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+        await started(peer, buses)
+        await eventually(lambda: sorted(seen) == list(range(6)), message="every tick")
+    finally:
+        await stuck.aclose()
 
 
 async def test_bus_oversized_events_refused_at_publish_and_dead_lettered_truncated(

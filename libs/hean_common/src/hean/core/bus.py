@@ -11,9 +11,11 @@ Two transports behind one API:
   for that: it takes its next event while the outbox writes, and the ack follows). Failed
   entries are retried (XCLAIM, so Redis counts deliveries) and dead-lettered after
   `max_deliveries` with the error; a `PermanentError` and malformed entries are
-  dead-lettered at once. Entries of a crashed consumer are taken over with XAUTOCLAIM once
-  idle. While Redis is unreachable, publishes wait in a bounded outbox that is flushed in
-  order on reconnect; past the bound publish raises "Queue is full".
+  dead-lettered at once. Entries of a crashed consumer are taken over as soon as no Redis
+  connection carries its name (CLIENT LIST; at start before anything new, so in order),
+  and any entry idle past `claim_idle_ms` with XAUTOCLAIM. While Redis is unreachable,
+  publishes wait in a bounded outbox that is flushed in order on reconnect; past the
+  bound publish raises "Queue is full".
 
 Handlers run on `worker_count` workers; events with the same key (symbol, else order id,
 else type) always go to the same worker, so per-symbol order is kept while symbols run in
@@ -600,6 +602,14 @@ def _flatten(commands: Commands) -> list[Any]:
     return flat
 
 
+def consumer_client_name(consumer: str) -> str:
+    """The name a consumer's Redis connections carry (`CLIENT SETNAME`, seen in `CLIENT
+    LIST`): a consumer holding pending entries with no connection under its name is a
+    process that is gone, and its entries can be taken over at once instead of after
+    `claim_idle_ms`. Redis allows only characters 33-126 in a name."""
+    return "hean-consumer:" + "".join(c if 33 <= ord(c) <= 126 else "_" for c in consumer)
+
+
 def _entry_position(entry_id: str) -> tuple[int, int]:
     """A stream entry id ("<ms>-<seq>") as a comparable pair."""
     ms, _, seq = entry_id.partition("-")
@@ -677,6 +687,13 @@ class RedisStreamsTransport(Transport):
         self.reclaimed_count = 0
         self.deleted_pending_count = 0
         self.conflated_count = 0  # entries acked unhandled, superseded by a newer one
+        self._client_name = consumer_client_name(config.consumer)
+        #: False once Redis refuses CLIENT LIST (ACL): dead consumers are then found by
+        #: idle time alone.
+        self._client_list_allowed = True
+        #: Per stream, the consumers found gone (pending entries, no connection) by the
+        #: last claim round: taken over when the next round finds them gone again.
+        self._gone: dict[str, set[str]] = {}
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -700,12 +717,13 @@ class RedisStreamsTransport(Transport):
                 timeout=10,
                 socket_timeout=5.0,
                 socket_connect_timeout=5.0,
+                client_name=self._client_name,
             )
         )
-        self._outbox_conn = RespConnection(self.config.url)
-        self._ack_conn = RespConnection(self.config.url)
-        self._reader = RespConnection(self.config.url)
-        self._conflated_reader = RespConnection(self.config.url)
+        self._outbox_conn = RespConnection(self.config.url, name=self._client_name)
+        self._ack_conn = RespConnection(self.config.url, name=self._client_name)
+        self._reader = RespConnection(self.config.url, name=self._client_name)
+        self._conflated_reader = RespConnection(self.config.url, name=self._client_name)
         self._running = True
         self._recovered_at_start = False
         self._topology_ready = not self.config.ensure_topology
@@ -1413,6 +1431,7 @@ class RedisStreamsTransport(Transport):
                 continue
             try:
                 for event_type in self.dispatcher.event_types:
+                    await self._take_from_gone(stream_key(event_type))
                     await self._reclaim(stream_key(event_type))
                     await self._report_group(stream_key(event_type))
                 if time.monotonic() - last_gc > self.config.consumer_gc_idle_ms / 1000 / 4:
@@ -1450,6 +1469,99 @@ class RedisStreamsTransport(Transport):
             await self._take_over(stream, result[1], result[2] if len(result) > 2 else [])
             if cursor == "0-0":
                 return
+
+    async def _gone_consumers(self, stream: str) -> list[str]:
+        """Consumers of our group on `stream` that hold pending entries while no Redis
+        connection carries their name: their process has exited or been killed (Redis sees
+        the socket close at once). Empty where CLIENT LIST is refused."""
+        if not self._client_list_allowed:
+            return []
+        try:
+            clients: Any = await self.client.client_list(_type="normal")
+        except ResponseError as exc:
+            self._client_list_allowed = False
+            log.warning(
+                "Redis refused CLIENT LIST (%s): entries of a consumer that died are taken "
+                "over only once idle for EVENT_CLAIM_IDLE_MS",
+                exc,
+            )
+            return []
+        names = {str(c.get("name", "")) for c in clients}
+        consumers: Any = await self.client.xinfo_consumers(stream, self.config.group)
+        return [
+            name
+            for name in (as_str(info["name"]) for info in consumers if int(info["pending"]))
+            if name != self.config.consumer and consumer_client_name(name) not in names
+        ]
+
+    async def _take_from_gone(self, stream: str) -> None:
+        """Take over, in stream order, the entries of consumers found gone by this claim
+        round and the one before (a consumer reconnecting after a blip is not gone)."""
+        gone = set(await self._gone_consumers(stream))
+        confirmed = gone & self._gone.get(stream, set())
+        self._gone[stream] = gone
+        for consumer in sorted(confirmed):
+            if len(self._in_flight) >= self.max_in_flight:
+                return  # busy: the next round takes the rest
+            claimed, deleted = await self._claim_from(stream, consumer, justid=False)
+            await self._take_over(stream, claimed, deleted)
+
+    async def _claim_from(
+        self, stream: str, consumer: str, *, justid: bool
+    ) -> tuple[list[Any], list[str]]:
+        """XCLAIM every entry `consumer` holds on `stream`: the entries taken (none with
+        `justid`: they are then read as our own pending) and the ids of those deleted from
+        the stream meanwhile (Redis drops them from the pending list). The minimum idle
+        time is the lowest XPENDING just reported, so an entry another consumer claimed in
+        between (its idle time reset) stays theirs."""
+        taken: list[Any] = []
+        deleted: list[str] = []
+        moved = 0
+        for _ in range(1_000):  # bounded: each round moves the entries it lists
+            rows: Any = await self.client.xpending_range(
+                stream,
+                self.config.group,
+                min="-",
+                max="+",
+                count=self.config.batch_size * 10,
+                consumername=consumer,
+            )
+            if not rows:
+                break
+            ids: list[Any] = [as_str(row["message_id"]) for row in rows]
+            claimed: Any = await self.client.xclaim(
+                stream,
+                self.config.group,
+                self.config.consumer,
+                min_idle_time=min(int(row["time_since_delivered"]) for row in rows),
+                message_ids=ids,
+                justid=justid,
+            )
+            moved += len(claimed)
+            got = {as_str(entry if justid else entry[0]) for entry in claimed}
+            if not justid:
+                taken.extend(entry for entry in claimed if entry[1] is not None)
+            deleted.extend(await self._missing_entries(stream, [i for i in ids if i not in got]))
+            if len(rows) < self.config.batch_size * 10:
+                break
+        if moved:
+            log.warning(
+                "took over %d pending entries of %s on %s: no connection carries its name",
+                moved,
+                consumer,
+                stream,
+            )
+        return taken, deleted
+
+    async def _missing_entries(self, stream: str, ids: list[str]) -> list[str]:
+        """Of `ids`, those no longer in `stream` (not those another consumer claimed)."""
+        if not ids:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
+            found: list[Any] = await pipe.execute()
+        return [entry_id for entry_id, rows in zip(ids, found, strict=True) if not rows]
 
     async def _read_own_pending(self, stream: str, client: RespConnection | None = None) -> None:
         """Entries this consumer (same name: a stable INSTANCE_ID) read before a restart, or
@@ -1529,6 +1641,11 @@ class RedisStreamsTransport(Transport):
             if self.config.exclusive:
                 await self._reclaim(stream, min_idle_ms=0)
             else:
+                # A gone consumer's entries become ours (JUSTID: not a delivery yet), so
+                # the read of our own pending hands them out with ours, in stream order.
+                for consumer in await self._gone_consumers(stream):
+                    _, deleted = await self._claim_from(stream, consumer, justid=True)
+                    await self._take_over(stream, [], deleted)
                 await self._read_own_pending(stream)
         self._recovered_at_start = True
 
