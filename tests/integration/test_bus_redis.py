@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from hean.core.bus import (
     BusState,
     EventBus,
+    HeldEvent,
     RedisBusConfig,
     RedisStreamsTransport,
     consumer_client_name,
@@ -855,6 +856,57 @@ async def test_bus_write_on_ack_goes_with_the_ack_and_a_failed_handlers_write_is
         strategy.write_on_ack("SET", "k", "v")
     with pytest.raises(ValueError, match="no Redis"):
         EventBus().write_on_ack("SET", "k", "v")
+
+
+async def test_bus_held_event_is_acked_once_resumed_with_its_own_outputs_and_writes(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    consumer = make_bus(redis_url, "strategy", retry_delay_ms=20)
+    held: list[HeldEvent] = []
+    failed_once: list[int] = []
+
+    def on_tick(event: Event) -> None:
+        seq = event.data["seq"]
+        if seq in (0, 2):
+            held.append(consumer.hold())  # decided later, by tick 1 / left to fail
+            if seq == 2 and not failed_once:
+                failed_once.append(seq)
+                raise RuntimeError("fails after holding: the hold is void, the tick retried")
+            return
+        with held.pop(0).resume():  # tick 0, decided in tick 1's handler
+            consumer.publish_nowait(
+                Event(event_type=EventType.SIGNAL, data={"symbol": "BTC/USDT", "side": "BUY"})
+            )
+            consumer.write_on_ack("RPUSH", "hean:test:writes", "for-0")
+        consumer.write_on_ack("RPUSH", "hean:test:writes", "for-1")
+
+    consumer.subscribe(EventType.TICK, on_tick)
+    await started(consumer, buses)
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
+    await publisher.publish(tick(0))
+    await publisher.flush()
+    await eventually(lambda: len(held) == 1, message="tick 0 held")
+    await asyncio.sleep(0.3)
+    info = await redis_client.xpending(TICKS, "strategy")
+    assert int(info["pending"]) == 1, "a held tick was acked before it was resumed"
+
+    await publisher.publish(tick(1))
+    await publisher.flush()
+    await eventually(lambda: _group_pending_in(redis_client, "strategy", 0), message="acked")
+    raw: Any = await redis_client.lrange("hean:test:writes", 0, -1)
+    assert sorted(w.decode() for w in raw) == ["for-0", "for-1"]
+    assert await redis_client.xlen(stream_key(EventType.SIGNAL)) == 1
+
+    # A handler that raises after hold(): retried as any failure, its first hold void.
+    await publisher.publish(tick(2))
+    await publisher.flush()
+    await eventually(lambda: len(held) == 2, message="tick 2 held on its retry")
+    with pytest.raises(RuntimeError, match="already resumed or abandoned"), held[0].resume():
+        pass
+    held[1].abandon()  # stopping: left unacked, delivered again
+    await asyncio.sleep(0.3)
+    info = await redis_client.xpending(TICKS, "strategy")
+    assert int(info["pending"]) == 1
 
 
 async def test_bus_worker_takes_next_event_while_an_ack_waits_and_acks_in_any_order(

@@ -44,7 +44,7 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -125,6 +125,8 @@ class Delivery:
     ack_commands: list[tuple[Any, ...]] = field(default_factory=list)
     last_error: str | None = None
     max_deliveries: int = 0  # 0: unknown
+    #: Set by `EventBus.hold`: resolved once the held event is handled (or abandoned).
+    held: asyncio.Future[None] | None = None
 
 
 def is_last_attempt() -> bool:
@@ -142,6 +144,66 @@ def is_last_attempt() -> bool:
 _current_delivery: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
     "hean_current_delivery", default=None
 )
+
+
+class _AbandonedError(Exception):
+    """A held event let go unhandled (`HeldEvent.abandon`): not acked, delivered again."""
+
+
+class HeldEvent:
+    """An event its handler set aside (`EventBus.hold`): not acked when the handler
+    returns, but once it is handled in a `resume()` block and what that block published
+    is in Redis."""
+
+    def __init__(self, delivery: Delivery, settled: asyncio.Future[None]) -> None:
+        self._delivery = delivery
+        self._settled = settled
+
+    @property
+    def event(self) -> Event:
+        return self._delivery.event
+
+    @contextlib.contextmanager
+    def resume(self) -> Iterator[None]:
+        """Handle the held event now: inside the block, publishes and `write_on_ack` count
+        as this event's (its ack waits for them and carries the writes), wherever the block
+        runs (another event's handler, a timer). An exception leaves the event unacked; it
+        is delivered again once idle."""
+        if self._settled.done():
+            raise RuntimeError(f"{self.event.event_id} was already resumed or abandoned")
+        delivery = self._delivery
+        token = _current_delivery.set(delivery)
+        first = len(delivery.outputs)
+        try:
+            yield
+        except BaseException as exc:
+            self._settled.set_exception(exc)
+            raise
+        finally:
+            _current_delivery.reset(token)
+
+        def written() -> None:
+            if not self._settled.done():
+                self._settled.set_result(None)
+
+        when_all_done([o for o in delivery.outputs[first:] if o is not self._settled], written)
+
+    def abandon(self) -> None:
+        """Let the event go unhandled and unacked (a service stopping): it is delivered again,
+        to this consumer's successor, in stream order."""
+        if not self._settled.done():
+            self._settled.set_exception(_AbandonedError())
+
+
+def _drop_hold(delivery: Delivery) -> None:
+    """A handler that held its event, then failed: the hold is void (resuming it raises)."""
+    held = delivery.held
+    if held is not None:
+        delivery.held = None
+        delivery.outputs.remove(held)
+        if not held.done():
+            held.set_exception(_AbandonedError())
+            held.exception()  # retrieved: nobody waits for it any more
 
 
 def partition_key(event: Event) -> str:
@@ -314,6 +376,18 @@ class Transport(ABC):
             raise RuntimeError("ack_after() is for handlers: no event is being handled")
         delivery.outputs.append(future)
 
+    def hold(self) -> HeldEvent:
+        """See `EventBus.hold`."""
+        delivery = _current_delivery.get()
+        if delivery is None:
+            raise RuntimeError("hold() is for handlers: no event is being handled")
+        if delivery.held is not None:
+            raise RuntimeError(f"{delivery.event.event_id} is already held")
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        delivery.outputs.append(settled)
+        delivery.held = settled
+        return HeldEvent(delivery, settled)
+
     def subscribed(self, event_type: EventType) -> None:  # noqa: B027 - optional hook
         """A handler for `event_type` was added (the Redis transport starts reading it)."""
 
@@ -425,6 +499,7 @@ class InMemoryTransport(Transport):
             failures = await self.dispatcher.run(delivery)
             if not failures:
                 return
+            _drop_hold(delivery)
             delivery.last_error = _describe_failures(failures)
             if delivery.deliveries >= self.max_deliveries or _permanent(failures):
                 self.dead_letters.append((delivery.event, delivery.last_error))
@@ -1230,6 +1305,7 @@ class RedisStreamsTransport(Transport):
     async def _handle(self, delivery: Delivery) -> None:
         failures = await self.dispatcher.run(delivery)
         if failures:
+            _drop_hold(delivery)  # the event is retried (or dead-lettered) as a whole
             delivery.last_error = _describe_failures(failures)
             if delivery.deliveries >= self.config.max_deliveries or _permanent(failures):
                 await self._dead_letter(
@@ -1272,6 +1348,9 @@ class RedisStreamsTransport(Transport):
             for output in delivery.outputs
             if output.cancelled() or output.exception() is not None
         ]
+        if errors and all(isinstance(error, _AbandonedError) for error in errors):
+            self._finish(delivery, ack=False)  # HeldEvent.abandon: delivered again later
+            return
         if errors:
             log.error(
                 "not acking %s %s: %d of its outputs failed to publish: %s",
@@ -1834,6 +1913,15 @@ class EventBus:
         and is delivered again once idle (`EVENT_CLAIM_IDLE_MS`). For outputs a handler
         hands to someone else to publish (features' batches)."""
         self.transport.ack_after(future)
+
+    def hold(self) -> HeldEvent:
+        """Inside a handler: set the event being handled aside. It is not acked when the
+        handler returns; the handler keeps the `HeldEvent` and handles it later in
+        `with held.resume(): ...` (from another event's handler or a timer), and the event
+        is acked once what that block published is in Redis. For a handler that must put
+        events back in order (strategy, predictions of one symbol from several replicas).
+        `held.abandon()` leaves it unacked, to be delivered again."""
+        return self.transport.hold()
 
     async def publish(self, event: Event, *, then: Commands = ()) -> Event:
         """Validate, stamp (source, correlation id) and hand `event` to the transport.
