@@ -279,6 +279,81 @@ async def snapshot_raw(client: aioredis.Redis) -> list[bytes]:
     return out
 
 
+# --- whole runs ------------------------------------------------------------------------------
+
+
+def start_all(system: System, ml_replicas: int) -> None:
+    """Every service but market-data (started last, once the groups exist)."""
+    for service in START_ORDER:
+        if service == "market-data":
+            continue
+        for _ in range(ml_replicas if service == "ml-service" else 1):
+            system.start(service)
+
+
+async def wait_groups(client: aioredis.Redis, system: System) -> None:
+    # Every consumer group exists before market-data publishes (as `hean up` guarantees).
+    async def ready() -> bool:
+        groups = await group_states(client)
+        wanted = {
+            (stream_key(EventType.CANDLE), "features"),
+            (stream_key(EventType.FEATURES_READY), "ml-service"),
+            (stream_key(EventType.ML_PREDICTION), "strategy"),
+            (stream_key(EventType.SIGNAL), "risk"),
+            (stream_key(EventType.ORDER_APPROVED), "execution"),
+            (stream_key(EventType.ORDER_FILLED), "portfolio"),
+        }
+        return wanted <= set(groups)
+
+    await wait_for(ready, timeout=60, message="consumer groups", system=system)
+
+
+async def late_predictions(client: aioredis.Redis) -> list[tuple[str, int, int]]:
+    """ML_PREDICTIONs, in stream order, for a bar before one already predicted for their
+    symbol: (symbol, bar, newest bar before it). A repeat of the same bar (at-least-once)
+    is not late."""
+    newest: dict[str, int] = {}
+    late: list[tuple[str, int, int]] = []
+    for event in await events(client, EventType.ML_PREDICTION):
+        symbol, bar = str(event.data["symbol"]), int(event.data["timestamp"])
+        if bar < newest.get(symbol, bar):
+            late.append((symbol, bar, newest[symbol]))
+        newest[symbol] = max(newest.get(symbol, bar), bar)
+    return late
+
+
+def replay_finished(proc: Proc) -> bool:
+    return "replay finished" in proc.log_path.read_text(errors="replace")
+
+
+async def settle(client: aioredis.Redis, system: System, md: Proc) -> float:
+    await wait_for(lambda: replay_finished(md), timeout=300, message="replay end", system=system)
+    return await wait_for(
+        lambda: quiescent(client), timeout=120, message="all groups drained", system=system
+    )
+
+
+async def clean_run(
+    redis_url: str, logs: Path, *, bars: int, ml_replicas: int = 1
+) -> tuple[Outcome, float]:
+    """A run without faults: every service, `bars` bars replayed as fast as the consumers
+    keep up (REPLAY_SPEED=0). The outcome and how long it took (s)."""
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushall()
+    system = System(base_env(redis_url, **TRADING_ENV), logs)
+    try:
+        t0 = time.monotonic()
+        start_all(system, ml_replicas)
+        await wait_groups(client, system)
+        md = system.start("market-data", REPLAY_SPEED="0", REPLAY_MAX_BARS=str(bars))
+        await settle(client, system, md)
+        took = time.monotonic() - t0
+        return await outcome(client), took
+    finally:
+        system.stop_all()
+        await client.aclose()
+
+
 # --- the outcome of a run ---------------------------------------------------------------------
 
 COMPARED = (
@@ -311,6 +386,8 @@ class Outcome:
     dlq: int
     trail: dict[str, list[str]]  # order id -> what happened to it, when it did not fill
     net_fills: dict[str, Decimal]
+    #: ML_PREDICTIONs after a later bar's of their symbol (see `late_predictions`).
+    late_predictions: list[tuple[str, int, int]]
 
 
 async def outcome(client: aioredis.Redis) -> Outcome:
@@ -379,6 +456,7 @@ async def outcome(client: aioredis.Redis) -> Outcome:
         dlq=int(await client.xlen("hean:dlq")),
         trail={k: v for k, v in trail.items() if k not in filled},
         net_fills=qty,
+        late_predictions=await late_predictions(client),
     )
 
 

@@ -31,13 +31,12 @@ from hean.core.event_streams import stream_key
 from hean.core.types import EventType
 from tests.chaos.conftest import LONG, Report
 from tests.chaos.harness import (
-    START_ORDER,
     TRADING_ENV,
     WARMUP,
-    Outcome,
     Proc,
     System,
     base_env,
+    clean_run,
     differences,
     events,
     group_states,
@@ -45,9 +44,12 @@ from tests.chaos.harness import (
     invariants,
     outcome,
     pnl_consistent,
-    quiescent,
+    replay_finished,
+    settle,
+    start_all,
     tail,
     wait_for,
+    wait_groups,
 )
 
 PACED_BARS = 1500 if LONG else 700
@@ -68,34 +70,9 @@ KILL_ORDER = (
 )
 
 
-def _start_all(system: System, ml_replicas: int) -> None:
-    for service in START_ORDER:
-        if service == "market-data":
-            continue
-        for _ in range(ml_replicas if service == "ml-service" else 1):
-            system.start(service)
-
-
 async def _healthy(client: aioredis.Redis, proc: Proc) -> bool:
     snap = await health_snapshot(client, proc.service, proc.instance)
     return bool(snap) and snap["health"]["orchestrator"]["overall_state"] == "healthy"
-
-
-async def _wait_groups(client: aioredis.Redis, system: System) -> None:
-    # Every consumer group exists before market-data publishes (as `hean up` guarantees).
-    async def ready() -> bool:
-        groups = await group_states(client)
-        wanted = {
-            (stream_key(EventType.CANDLE), "features"),
-            (stream_key(EventType.FEATURES_READY), "ml-service"),
-            (stream_key(EventType.ML_PREDICTION), "strategy"),
-            (stream_key(EventType.SIGNAL), "risk"),
-            (stream_key(EventType.ORDER_APPROVED), "execution"),
-            (stream_key(EventType.ORDER_FILLED), "portfolio"),
-        }
-        return wanted <= set(groups)
-
-    await wait_for(ready, timeout=60, message="consumer groups", system=system)
 
 
 async def _holding(client: aioredis.Redis, consumer: str, *, within_s: float) -> int:
@@ -110,52 +87,11 @@ async def _holding(client: aioredis.Redis, consumer: str, *, within_s: float) ->
         await asyncio.sleep(0.001)
 
 
-async def late_predictions(client: aioredis.Redis) -> list[tuple[str, int, int]]:
-    """ML_PREDICTIONs, in stream order, for a bar before one already predicted for their
-    symbol: (symbol, bar, newest bar before it). A repeat of the same bar (at-least-once)
-    is not late."""
-    newest: dict[str, int] = {}
-    late: list[tuple[str, int, int]] = []
-    for event in await events(client, EventType.ML_PREDICTION):
-        symbol, bar = str(event.data["symbol"]), int(event.data["timestamp"])
-        if bar < newest.get(symbol, bar):
-            late.append((symbol, bar, newest[symbol]))
-        newest[symbol] = max(newest.get(symbol, bar), bar)
-    return late
-
-
-def _finished(proc: Proc) -> bool:
-    return "replay finished" in proc.log_path.read_text(errors="replace")
-
-
-async def _settle(client: aioredis.Redis, system: System, md: Proc) -> float:
-    await wait_for(lambda: _finished(md), timeout=300, message="replay end", system=system)
-    return await wait_for(
-        lambda: quiescent(client), timeout=120, message="all groups drained", system=system
-    )
-
-
-async def _reference(redis_url: str, logs: Path) -> tuple[Outcome, float]:
-    client = aioredis.Redis.from_url(redis_url)
-    system = System(base_env(redis_url, **TRADING_ENV), logs)
-    try:
-        t0 = time.monotonic()
-        _start_all(system, 1)
-        await _wait_groups(client, system)
-        md = system.start("market-data", REPLAY_SPEED="0", REPLAY_MAX_BARS=str(BARS))
-        await _settle(client, system, md)
-        took = time.monotonic() - t0
-        return await outcome(client), took
-    finally:
-        system.stop_all()
-        await client.aclose()
-
-
 @pytest.mark.timeout(900 if LONG else 420)
 async def test_kill_each_service_in_turn_matches_reference_run(
     redis_url: str, tmp_path: Path, report: Report
 ) -> None:
-    ref, ref_took = await _reference(redis_url, tmp_path / "reference")
+    ref, ref_took = await clean_run(redis_url, tmp_path / "reference", bars=BARS)
     assert ref.approved, "the reference run must trade (thresholds too strict?)"
     assert invariants(ref) == [] and pnl_consistent(ref) == []
 
@@ -164,8 +100,8 @@ async def test_kill_each_service_in_turn_matches_reference_run(
     system = System(base_env(redis_url, **TRADING_ENV), tmp_path / "faults")
     recoveries: list[tuple[str, str, str, str, str]] = []
     try:
-        _start_all(system, 1)
-        await _wait_groups(client, system)
+        start_all(system, 1)
+        await wait_groups(client, system)
         speed = str(60 * BARS_PER_S)
         md = system.start("market-data", REPLAY_SPEED=speed, REPLAY_MAX_BARS=str(BARS))
 
@@ -197,7 +133,7 @@ async def test_kill_each_service_in_turn_matches_reference_run(
                 system=system,
             )
             healthy_s = time.monotonic() - killed_at
-            mid_run = not _finished(md)
+            mid_run = not replay_finished(md)
             recoveries.append(
                 (
                     service,
@@ -207,10 +143,9 @@ async def test_kill_each_service_in_turn_matches_reference_run(
                     str(pending) if service == "ml-service" else "-",
                 )
             )
-        replay_running_at_last_kill = not _finished(md)
-        drain_s = await _settle(client, system, md)
+        replay_running_at_last_kill = not replay_finished(md)
+        drain_s = await settle(client, system, md)
         run = await outcome(client)
-        late = await late_predictions(client)
         states = await group_states(client)
         ledger = [k async for k in client.scan_iter(match="hean:execution:order:*")]
         candles = await events(client, EventType.CANDLE)
@@ -253,13 +188,15 @@ async def test_kill_each_service_in_turn_matches_reference_run(
         f"{sum(max(s['lag'], 0) for s in states.values())} unread; {run.events_checked} "
         f"events in the compared streams; drained {drain_s:.1f} s after the replay ended. "
         f"Invariants broken: {problems or 'none'}. Differences from the reference run: "
-        f"{diffs or 'none'}. Predictions made after a later bar's: {len(late)}. CANDLEs "
-        f"republished by the restarted market-data replay: {republished}.",
+        f"{diffs or 'none'}. Predictions made after a later bar's: "
+        f"{len(run.late_predictions)}. CANDLEs republished by the restarted market-data "
+        f"replay: {republished}.",
     )
     assert replay_running_at_last_kill, "the last kill came after the replay ended"
     assert all(r[3] == "yes" for r in recoveries)
     assert problems == [], problems
-    assert late == [], f"predictions made after a later bar's (strategy drops them): {late}"
+    late = run.late_predictions
+    assert late == [], f"predictions made after a later bar's: {late}"
     assert diffs == [], diffs
     assert len(ledger) == len(run.approved)
     assert all(s["pending"] == 0 and s["lag"] == 0 for s in states.values())

@@ -62,6 +62,25 @@ def test_feature_core_restored_snapshot_continues_like_uninterrupted(
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
+def test_feature_core_chains_each_row_to_the_previous_rows_bar(
+    candles: tuple[Candle, ...],
+) -> None:
+    core = FeatureCore()
+    outcomes = [core.on_candle(c) for c in candles[: WARMUP_BARS + 3]]
+    first = WARMUP_BARS - 1  # the first candle with features
+    assert outcomes[first - 1].features is None and outcomes[first].features is not None
+    assert outcomes[first].previous_timestamp_ns is None  # no row before it
+    for i in range(first + 1, WARMUP_BARS + 3):
+        assert outcomes[i].previous_timestamp_ns == candles[i - 1].timestamp_ns
+    resumed = FeatureCore()  # after a restart from the snapshot, the chain goes on
+    resumed.restore("BTC", core.snapshot("BTC"))
+    after = resumed.on_candle(candles[WARMUP_BARS + 3])
+    assert after.previous_timestamp_ns == candles[WARMUP_BARS + 2].timestamp_ns
+    assert core.on_candle(candles[0]).previous_timestamp_ns is None  # stale: no row
+    data = FeatureCore.features_data(candles[1], {"ret_1": 0.1}, candles[0].timestamp_ns)
+    assert data["previous_timestamp"] == candles[0].timestamp_ns
+
+
 def test_feature_core_restore_none_starts_fresh_engine(candles: tuple[Candle, ...]) -> None:
     core = FeatureCore()
     for c in candles[:5]:

@@ -87,7 +87,12 @@ class Rig:
     def features(self, features: Mapping[str, float], symbol: str = "BTC") -> Event:
         return Event(
             event_type=EventType.FEATURES_READY,
-            data={"symbol": symbol, "features": dict(features), "timestamp": 123},
+            data={
+                "symbol": symbol,
+                "features": dict(features),
+                "timestamp": 123,
+                "previous_timestamp": 63,
+            },
         )
 
 
@@ -109,6 +114,7 @@ async def test_on_features_publishes_prediction_naming_its_input(
     assert pred.data["symbol"] == "BTC"
     assert pred.data["features_event_id"] == event.event_id
     assert pred.data["timestamp"] == 123
+    assert pred.data["previous_timestamp"] == 63  # the chain strategy orders by
     assert pred.data["model_version"] == "lgbm-8e64920bd860"
     assert pred.data["confidence"] == pytest.approx(abs(2 * pred.data["prediction"] - 1))
     assert pred.data["features"] == rows[0]

@@ -47,11 +47,13 @@ def candle_from_event(data: Mapping[str, Any], event_timestamp_ns: int) -> Candl
 
 @dataclass(frozen=True, slots=True)
 class CandleOutcome:
-    """What one candle did: features to publish (None while warming up or when stale)."""
+    """What one candle did: features to publish (None while warming up or when stale), and
+    the bar of the symbol's previous features (None when this is the first row)."""
 
     features: dict[str, float] | None
     stale: bool
     bars_seen: int
+    previous_timestamp_ns: int | None = None
 
 
 class FeatureCore:
@@ -62,10 +64,16 @@ class FeatureCore:
         self.engines = FeatureEngines(warmup_bars=warmup_bars)
 
     def on_candle(self, candle: Candle) -> CandleOutcome:
-        before = self.engines[candle.symbol].stale_candles if candle.symbol in self.engines else 0
+        known = candle.symbol in self.engines
+        before = self.engines[candle.symbol].stale_candles if known else 0
+        previous = None
+        if known and self.engines[candle.symbol].warmed_up:
+            previous = self.engines[candle.symbol].last_timestamp_ns  # it published a row
         features = self.engines.update(candle)
         engine = self.engines[candle.symbol]
-        return CandleOutcome(features, engine.stale_candles > before, engine.bars_seen)
+        if features is None:
+            previous = None
+        return CandleOutcome(features, engine.stale_candles > before, engine.bars_seen, previous)
 
     @property
     def stale_candles(self) -> int:
@@ -88,12 +96,17 @@ class FeatureCore:
         self.engines.put(engine)
 
     @staticmethod
-    def features_data(candle: Candle, features: Mapping[str, float]) -> dict[str, Any]:
-        """FEATURES_READY data for the features at `candle`'s close."""
+    def features_data(
+        candle: Candle, features: Mapping[str, float], previous_timestamp_ns: int | None = None
+    ) -> dict[str, Any]:
+        """FEATURES_READY data for the features at `candle`'s close. `previous_timestamp`
+        is the bar of the symbol's previous row (None for the first): it chains the rows,
+        so that a consumer can tell a row that is late from one that never came."""
         return {
             "symbol": candle.symbol,
             "features": dict(features),
             "timestamp": candle.timestamp_ns,
+            "previous_timestamp": previous_timestamp_ns,
             "timeframe": candle.timeframe,
             "close": float(candle.close),
             "feature_version": FEATURE_VERSION,

@@ -249,7 +249,9 @@ class FeaturesService:
                 return
             features_event = Event(
                 event_type=EventType.FEATURES_READY,
-                data=self.core.features_data(candle, outcome.features),
+                data=self.core.features_data(
+                    candle, outcome.features, outcome.previous_timestamp_ns
+                ),
                 correlation_id=event.correlation_id or event.event_id,
             )
             written = self.batcher.add(features_event, candle.symbol, state)

@@ -167,6 +167,9 @@ class MLService:
             "confidence": prediction.confidence,
             "model_version": prediction.model_version,
             "timestamp": data.get("timestamp"),
+            # The chain of the symbol's rows, for strategy to put predictions back in bar
+            # order (replicas finish in any order).
+            "previous_timestamp": data.get("previous_timestamp"),
             "features_event_id": event.event_id,
         }
         if data.get("feature_version") is not None:

@@ -96,6 +96,9 @@ class PredictionInput:
     confidence: float | None = None
     model_version: str | None = None
     features: Mapping[str, float] | None = None
+    #: The bar of the symbol's previous prediction (features chains its rows); None for
+    #: the first, or from a producer that does not say.
+    previous_bar_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

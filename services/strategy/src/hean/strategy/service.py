@@ -10,16 +10,19 @@ between lost the signal. It also cost a round trip per prediction.)
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
 import orjson
 import redis.asyncio as aioredis
 from pydantic import Field, field_validator, model_validator
 
-from hean.core.bus import EventBus
+from hean.core.bus import EventBus, HeldEvent
 from hean.core.errors import PermanentError
 from hean.core.event_streams import as_str
 from hean.core.metrics import Metrics
@@ -60,6 +63,9 @@ class StrategySettings(CoreSettings):
         default=3.0, alias="STRATEGY_MAX_VOL_RATIO"
     )
     strategy_state_key: str = Field(default="", alias="STRATEGY_STATE_KEY")
+    reorder_wait_ms: Annotated[int, Field(ge=0, le=600_000)] = Field(
+        default=2_000, alias="STRATEGY_REORDER_WAIT_MS"
+    )
 
     @field_validator("strategy")
     @classmethod
@@ -115,6 +121,7 @@ def prediction_input(event: Event, received_ns: int) -> PredictionInput:
     if not symbol:
         raise PermanentError(f"ML_PREDICTION {event.event_id} has no symbol")
     bar = data.get("timestamp")
+    previous = data.get("previous_timestamp")
     features = data.get("features")
     return PredictionInput(
         symbol=str(symbol),
@@ -125,10 +132,31 @@ def prediction_input(event: Event, received_ns: int) -> PredictionInput:
         confidence=data.get("confidence"),
         model_version=data.get("model_version"),
         features=dict(features) if isinstance(features, dict) else None,
+        previous_bar_ns=int(previous) if previous is not None else None,
     )
 
 
+@dataclass(slots=True)
+class _Held:
+    """A prediction set aside until the one before it (its `previous_bar_ns`) is handled."""
+
+    prediction: PredictionInput
+    event: HeldEvent
+    deadline: float  # loop time after which it is handled without its predecessor
+
+
 class StrategyService:
+    """Predictions in, SIGNALs out, per symbol in bar order.
+
+    ml-service replicas finish in any order, so a prediction can arrive before the one for
+    the bar before it; the strategy would then drop that one as stale and decide on a
+    different sequence than one replica gives. Features chains each symbol's rows
+    (`previous_timestamp`, copied into the prediction), so a prediction whose predecessor
+    has not been handled yet is held (its ack with it, `EventBus.hold`) and handled as
+    soon as the predecessor is, or after `reorder_wait_s` without it (a FEATURES_READY
+    dead-lettered in ml-service never comes).
+    """
+
     def __init__(
         self,
         bus: EventBus,
@@ -137,23 +165,109 @@ class StrategyService:
         *,
         metrics: Metrics | None = None,
         wall_clock_ns: Callable[[], int] = time.time_ns,
+        reorder_wait_s: float = 2.0,
     ) -> None:
         self.bus = bus
         self.strategy = strategy
         self.store = store
         self.metrics = metrics
         self.clock_ns = wall_clock_ns
+        self.reorder_wait_s = reorder_wait_s
         self.states: dict[str, SymbolState] = {}
         self.signals = 0
         self.decisions = 0
+        self.reordered = 0  # predictions held for their predecessor, then handled after it
+        self.gaps = 0  # predecessors given up on after reorder_wait_s
         self.last_reason: dict[str, str] = {}
+        self._held: dict[str, list[_Held]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     async def start(self) -> None:
         self.states = await self.store.load()
         self.bus.subscribe(EventType.ML_PREDICTION, self.on_prediction, name="strategy.on_pred")
 
-    async def on_prediction(self, event: Event) -> None:
+    async def stop(self) -> None:
+        """Held predictions stay unacked: the successor gets them again, in stream order."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for held in self._held.values():
+            for item in held:
+                item.event.abandon()
+        self._held.clear()
+
+    def on_prediction(self, event: Event) -> None:
         pred = prediction_input(event, self.clock_ns())
+        if self._waits_for_predecessor(pred):
+            loop = asyncio.get_running_loop()
+            item = _Held(pred, self.bus.hold(), loop.time() + self.reorder_wait_s)
+            held = self._held.setdefault(pred.symbol, [])
+            bisect.insort(held, item, key=lambda h: h.prediction.bar_ns)
+            if pred.symbol not in self._timers:
+                self._arm(pred.symbol)
+            return
+        self._decide(pred)
+        self._release(pred.symbol)
+
+    def _waits_for_predecessor(self, pred: PredictionInput) -> bool:
+        if pred.previous_bar_ns is None or self.reorder_wait_s <= 0:
+            return False
+        last = self.states.get(pred.symbol, SymbolState()).last_bar_ns
+        if last is not None and pred.bar_ns <= last:
+            return False  # stale anyway
+        return last is None or pred.previous_bar_ns > last
+
+    def _release(self, symbol: str) -> None:
+        """Handle the held predictions whose predecessor is now handled, in bar order."""
+        held = self._held.get(symbol)
+        while held and not self._waits_for_predecessor(held[0].prediction):
+            self._resume(held.pop(0))
+            self.reordered += 1
+        self._rearm(symbol)
+
+    def _give_up(self, symbol: str) -> None:
+        """The oldest held prediction waited `reorder_wait_s`: handle it without its
+        predecessor (which will be stale if it ever comes), then whatever follows it."""
+        self._timers.pop(symbol, None)
+        held = self._held.get(symbol)
+        if not held:
+            return
+        first = held.pop(0)
+        self.gaps += 1
+        log.warning(
+            "%s: the prediction for bar %d did not come within %.1f s; deciding on bar %d "
+            "without it",
+            symbol,
+            first.prediction.previous_bar_ns or 0,
+            self.reorder_wait_s,
+            first.prediction.bar_ns,
+        )
+        self._resume(first)
+        self._release(symbol)
+
+    def _resume(self, item: _Held) -> None:
+        try:
+            with item.event.resume():
+                self._decide(item.prediction)
+        except Exception:  # left unacked by resume(): delivered again once idle
+            log.exception("strategy failed on held prediction %s", item.event.event.event_id)
+
+    def _arm(self, symbol: str) -> None:
+        held = self._held[symbol]
+        loop = asyncio.get_running_loop()
+        delay = max(held[0].deadline - loop.time(), 0.0)
+        self._timers[symbol] = loop.call_later(delay, self._give_up, symbol)
+
+    def _rearm(self, symbol: str) -> None:
+        timer = self._timers.pop(symbol, None)
+        if timer is not None:
+            timer.cancel()
+        if self._held.get(symbol):
+            self._arm(symbol)
+        else:
+            self._held.pop(symbol, None)
+
+    def _decide(self, pred: PredictionInput) -> None:
         state = self.states.get(pred.symbol, SymbolState())
         decision = self.strategy.decide(state, pred)
         self.decisions += 1
@@ -166,7 +280,7 @@ class StrategyService:
                     self.strategy.name, pred.symbol, decision.signal["side"], pred.bar_ns
                 ),
             )
-            await self.bus.publish(signal)
+            self.bus.publish_nowait(signal)
             self.signals += 1
             log.info("SIGNAL %s %s (%s)", pred.symbol, decision.signal["side"], decision.reason)
             if self.metrics is not None:
@@ -189,5 +303,6 @@ def build(ctx: ServiceContext) -> None:
         load_strategy(settings.strategy, settings.config()),
         StateStore(ctx.redis, settings.state_key),
         metrics=ctx.metrics,
+        reorder_wait_s=settings.reorder_wait_ms / 1000,
     )
     ctx.orchestrator.register_component(name=COMPONENT, component=service, circuit_breaker=False)
