@@ -39,7 +39,9 @@ from tests.chaos.harness import (
     invariants,
     outcome,
     quiescent,
+    start_all,
     wait_for,
+    wait_groups,
 )
 
 SOAK_S = 600.0 if LONG else 50.0
@@ -104,23 +106,8 @@ async def test_soak_memory_flat_streams_bounded_no_backlog(
     samples: list[tuple[float, int, int]] = []  # (t, lag, pending)
     gateway_codes: dict[int, int] = {}
     try:
-        for service in START_ORDER:
-            if service != "market-data":
-                system.start(service)
-
-        async def groups_ready() -> bool:
-            groups = await group_states(client)
-            wanted = {
-                (stream_key(EventType.CANDLE), "features"),
-                (stream_key(EventType.FEATURES_READY), "ml-service"),
-                (stream_key(EventType.ML_PREDICTION), "strategy"),
-                (stream_key(EventType.SIGNAL), "risk"),
-                (stream_key(EventType.ORDER_APPROVED), "execution"),
-                (stream_key(EventType.ORDER_FILLED), "portfolio"),
-            }
-            return wanted <= set(groups)
-
-        await wait_for(groups_ready, timeout=60, message="consumer groups", system=system)
+        start_all(system, 1)
+        await wait_groups(client, system)
         system.start("market-data")
 
         async def warmed_up() -> bool:

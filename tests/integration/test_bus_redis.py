@@ -459,55 +459,50 @@ async def _strand(
     await publisher.flush(10)
 
 
+async def _recording(
+    redis_url: str, buses: list[EventBus], consumer: str, **overrides: object
+) -> list[int]:
+    """A started consumer `consumer` of group "auditor": the ticks' seq, as handled."""
+    seen: list[int] = []
+    bus = make_bus(redis_url, "auditor", consumer, **overrides)
+    bus.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+    await started(bus, buses)
+    return seen
+
+
 async def test_bus_exclusive_consumer_at_start_handles_predecessor_pending_before_new(
     redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
 ) -> None:
     await _strand(redis_url, redis_client, buses, "auditor:old-pid", 5)
 
-    seen: list[int] = []
-    successor = make_bus(
-        redis_url, "auditor", "auditor:new-pid", exclusive=True, claim_idle_ms=600_000
+    seen = await _recording(
+        redis_url, buses, "auditor:new-pid", exclusive=True, claim_idle_ms=600_000
     )
-    successor.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
-    await successor.start()
-    buses.append(successor)
     await eventually(lambda: len(seen) == 10, message="every tick")
     assert seen == list(range(10)), "the predecessor's entries were not handled first"
 
 
-async def test_bus_consumer_restarted_under_same_name_handles_own_pending_first(
-    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+@pytest.mark.parametrize(
+    "successor",
+    [
+        "auditor:replica-1",  # restarted under the same name: its own pending first
+        # killed and replaced under a new name: no connection carries the old one, so its
+        # entries are taken at once and in order, not after claim_idle_ms
+        "auditor:replacement",
+    ],
+)
+async def test_bus_replica_at_start_handles_its_predecessors_pending_before_new(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus], successor: str
 ) -> None:
-    await _strand(redis_url, redis_client, buses, "auditor:replica-1", 3)
+    await _strand(redis_url, redis_client, buses, "auditor:replica-1", 5)
 
-    seen: list[int] = []
-    again = make_bus(redis_url, "auditor", "auditor:replica-1", claim_idle_ms=600_000)
-    again.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
-    await again.start()
-    buses.append(again)
-    await eventually(lambda: len(seen) == 6, message="every tick")
-    assert seen == list(range(6))
-    await eventually(lambda: _group_pending_in(redis_client, "auditor", 0), message="acked")
-
-
-async def test_bus_replica_at_start_takes_over_a_gone_consumers_pending_before_new(
-    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
-) -> None:
-    # A replica killed and replaced under a new name: no connection carries the old name,
-    # so the new one takes its entries at once and in order, not after claim_idle_ms.
-    await _strand(redis_url, redis_client, buses, "auditor:killed", 5)
-
-    seen: list[int] = []
-    replacement = make_bus(redis_url, "auditor", "auditor:replacement", claim_idle_ms=600_000)
-    replacement.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
-    await started(replacement, buses)
+    seen = await _recording(redis_url, buses, successor, claim_idle_ms=600_000)
     await eventually(lambda: len(seen) == 10, message="every tick")
-    assert seen == list(range(10)), "the gone consumer's entries were not handled first"
+    assert seen == list(range(10)), "the predecessor's entries were not handled first"
     await eventually(lambda: _group_pending_in(redis_client, "auditor", 0), message="acked")
-    rows = await redis_client.xpending_range(TICKS, "auditor", "-", "+", 10)
-    assert rows == []
-    transport = replacement.transport
-    assert isinstance(transport, RedisStreamsTransport) and transport.reclaimed_count == 5
+    transport = buses[-1].transport
+    assert isinstance(transport, RedisStreamsTransport)
+    assert transport.reclaimed_count == 5
 
 
 async def test_bus_replica_leaves_a_connected_peers_pending_and_takes_them_once_it_is_gone(
@@ -516,10 +511,7 @@ async def test_bus_replica_leaves_a_connected_peers_pending_and_takes_them_once_
     busy = aioredis.Redis.from_url(redis_url, client_name=consumer_client_name("auditor:busy"))
     try:
         await _strand(redis_url, busy, buses, "auditor:busy", 4)
-        seen: list[int] = []
-        peer = make_bus(redis_url, "auditor", "auditor:peer", claim_idle_ms=600_000)
-        peer.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
-        await started(peer, buses)
+        seen = await _recording(redis_url, buses, "auditor:peer", claim_idle_ms=600_000)
         await eventually(lambda: len(seen) == 4, message="the new ticks")
         await asyncio.sleep(1.0)  # five claim rounds of 200 ms
         assert seen == [4, 5, 6, 7], "a connected consumer's entries were taken"
@@ -538,10 +530,7 @@ async def test_bus_takes_a_connected_but_stuck_consumers_entries_once_idle(
     stuck = aioredis.Redis.from_url(redis_url, client_name=consumer_client_name("auditor:stuck"))
     try:
         await _strand(redis_url, stuck, buses, "auditor:stuck", 3)
-        seen: list[int] = []
-        peer = make_bus(redis_url, "auditor", "auditor:peer", claim_idle_ms=500)
-        peer.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
-        await started(peer, buses)
+        seen = await _recording(redis_url, buses, "auditor:peer", claim_idle_ms=500)
         await eventually(lambda: sorted(seen) == list(range(6)), message="every tick")
     finally:
         await stuck.aclose()

@@ -68,31 +68,33 @@ async def _handled(client: aioredis.Redis) -> bool:
     return await drained(client, EventType.ML_PREDICTION, "strategy")
 
 
+async def _run(settings: StrategySettings, predictions: list[Event]) -> None:
+    """Run the strategy service until it has handled (and acked) `predictions`."""
+    async with running("strategy", build, settings) as ctx:
+        await publish(settings.redis_url, predictions)
+        await eventually(lambda: _handled(ctx.redis), timeout=10, message="predictions handled")
+
+
 async def test_strategy_service_signals_and_keeps_intent_across_restart(
     redis_url: str,
 ) -> None:
-    async with running("strategy", build, _settings(redis_url)) as ctx:
-        await publish(
-            redis_url,
-            [
-                prediction(0.60, 10, UP),  # BUY
-                prediction(0.60, 10, UP),  # the same bar again: ignored
-                prediction(0.50, 11, UP),  # neutral
-                prediction(0.30, 12, DOWN),  # SELL wanted, but within the cooldown
-                prediction(0.62, 13, DOWN),  # BUY wanted, trend disagrees
-            ],
-        )
-        await eventually(lambda: _handled(ctx.redis), timeout=10, message="predictions handled")
-
-    async with running("strategy", build, _settings(redis_url)) as ctx:
-        await publish(
-            redis_url,
-            [
-                prediction(0.65, 14, UP),  # still BUY: intent unchanged after the restart
-                prediction(0.30, 15, DOWN),  # SELL, cooldown over
-            ],
-        )
-        await eventually(lambda: _handled(ctx.redis), timeout=10, message="predictions handled")
+    await _run(
+        _settings(redis_url),
+        [
+            prediction(0.60, 10, UP),  # BUY
+            prediction(0.60, 10, UP),  # the same bar again: ignored
+            prediction(0.50, 11, UP),  # neutral
+            prediction(0.30, 12, DOWN),  # SELL wanted, but within the cooldown
+            prediction(0.62, 13, DOWN),  # BUY wanted, trend disagrees
+        ],
+    )
+    await _run(
+        _settings(redis_url),
+        [
+            prediction(0.65, 14, UP),  # still BUY: intent unchanged after the restart
+            prediction(0.30, 15, DOWN),  # SELL, cooldown over
+        ],
+    )
 
     signals = await read(redis_url, EventType.SIGNAL)
     assert [(s.data["side"], s.data["bar_timestamp"] // BAR) for s in signals] == [
@@ -111,21 +113,16 @@ async def test_strategy_puts_predictions_from_replicas_back_in_bar_order(
 ) -> None:
     # As replicas finishing in any order would publish them: 11 and 13 before their
     # predecessors. Without the reordering 10 and 12 would be dropped as stale.
-    shuffled = [chain()[i] for i in (1, 0, 3, 4, 2, 5)]
-    async with running("strategy", build, _settings(redis_url)) as ctx:
-        await publish(redis_url, shuffled)
-        await eventually(lambda: _handled(ctx.redis), timeout=10, message="predictions handled")
+    await _run(_settings(redis_url), [chain()[i] for i in (1, 0, 3, 4, 2, 5)])
     assert _sides(await read(redis_url, EventType.SIGNAL)) == IN_ORDER
 
 
 async def test_strategy_decides_without_a_prediction_that_never_comes_after_the_wait(
     redis_url: str,
 ) -> None:
+    # Bar 12 never comes (its FEATURES_READY was dead-lettered, say).
     settings = _settings(redis_url, STRATEGY_REORDER_WAIT_MS=300)
-    async with running("strategy", build, settings) as ctx:
-        # Bar 12 never comes (its FEATURES_READY was dead-lettered, say).
-        await publish(redis_url, [chain()[i] for i in (0, 1, 3, 4, 5)])
-        await eventually(lambda: _handled(ctx.redis), timeout=10, message="predictions handled")
+    await _run(settings, [chain()[i] for i in (0, 1, 3, 4, 5)])
     # 13 waited for 12, then went ahead: SELL at 13, and the rest as before.
     assert _sides(await read(redis_url, EventType.SIGNAL)) == IN_ORDER
 
@@ -145,9 +142,7 @@ async def test_strategy_held_prediction_stays_unacked_over_a_restart_and_is_deci
         await eventually(two_pending, timeout=10, message="12 and 13 held, unacked")
     assert _sides(await read(redis_url, EventType.SIGNAL)) == [("BUY", 10)]
     # The next instance gets them again, then 11 comes: all decided in bar order.
-    async with running("strategy", build, settings) as ctx:
-        await publish(redis_url, [bars[1], bars[4], bars[5]])
-        await eventually(lambda: _handled(ctx.redis), timeout=10, message="predictions handled")
+    await _run(settings, [bars[1], bars[4], bars[5]])
     assert _sides(await read(redis_url, EventType.SIGNAL)) == IN_ORDER
 
 

@@ -1,4 +1,5 @@
-"""The strategy's pure core: thresholds, intent, cooldown, age, filters, pluggability."""
+"""The strategy's pure core: thresholds, intent, cooldown, age, filters, pluggability; and
+how a prediction event is read."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from hean.core.types import Side
+from hean.core.errors import PermanentError
+from hean.core.types import Event, EventType, Side
 from hean.strategy.core import (
     Decision,
     MLThresholdStrategy,
@@ -16,6 +18,7 @@ from hean.strategy.core import (
     load_strategy,
     signal_event_id,
 )
+from hean.strategy.service import prediction_input
 
 BAR = 60_000_000_000
 UP = {"ema_fast_slow": 1e-4, "rsi_14": 55.0, "rv_ratio_15_60": 1.0}
@@ -170,3 +173,15 @@ def test_load_strategy_by_name_and_module_path() -> None:
 def test_load_strategy_unknown_name_raises() -> None:
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):
         load_strategy("nope", StrategyConfig())
+
+
+def test_prediction_input_reads_the_chain_and_refuses_a_bad_bar_time() -> None:
+    data = {"symbol": "BTC/USDT", "prediction": 0.6, "timestamp": 120, "previous_timestamp": 60}
+    event = Event(event_type=EventType.ML_PREDICTION, data=data)
+    pred = prediction_input(event, received_ns=1)
+    assert (pred.bar_ns, pred.previous_bar_ns) == (120, 60)
+    first = Event(event_type=EventType.ML_PREDICTION, data={**data, "previous_timestamp": None})
+    assert prediction_input(first, received_ns=1).previous_bar_ns is None
+    bad = Event(event_type=EventType.ML_PREDICTION, data={**data, "previous_timestamp": "soon"})
+    with pytest.raises(PermanentError, match="bad bar time"):
+        prediction_input(bad, received_ns=1)

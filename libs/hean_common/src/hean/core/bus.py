@@ -178,6 +178,7 @@ class HeldEvent:
             yield
         except BaseException as exc:
             self._settled.set_exception(exc)
+            self._settled.exception()  # the bus reads it (not acked); no "never retrieved"
             raise
         finally:
             _current_delivery.reset(token)
@@ -193,6 +194,7 @@ class HeldEvent:
         to this consumer's successor, in stream order."""
         if not self._settled.done():
             self._settled.set_exception(_AbandonedError())
+            self._settled.exception()
 
 
 def _drop_hold(delivery: Delivery) -> None:

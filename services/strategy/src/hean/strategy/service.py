@@ -123,16 +123,21 @@ def prediction_input(event: Event, received_ns: int) -> PredictionInput:
     bar = data.get("timestamp")
     previous = data.get("previous_timestamp")
     features = data.get("features")
+    try:
+        bar_ns = int(bar) if bar is not None else event.timestamp
+        previous_bar_ns = int(previous) if previous is not None else None
+    except (TypeError, ValueError) as exc:  # retrying cannot help: dead-lettered at once
+        raise PermanentError(f"ML_PREDICTION {event.event_id}: bad bar time: {exc}") from exc
     return PredictionInput(
         symbol=str(symbol),
         prediction=float(data["prediction"]),
-        bar_ns=int(bar) if bar is not None else event.timestamp,
+        bar_ns=bar_ns,
         published_ns=event.timestamp,
         received_ns=received_ns,
         confidence=data.get("confidence"),
         model_version=data.get("model_version"),
         features=dict(features) if isinstance(features, dict) else None,
-        previous_bar_ns=int(previous) if previous is not None else None,
+        previous_bar_ns=previous_bar_ns,
     )
 
 
