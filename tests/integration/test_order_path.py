@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from hean.core.bus import EventBus
@@ -78,7 +79,7 @@ async def start_execution(url: str, client: aioredis.Redis, instance: str = "1")
     bus = bus_for(url, "execution", instance)
     exchange = PaperExchange(PaperConfig(markets={"BTC/USDT": BTC}))
     ledger = RedisLedger(client, fast=RespConnection(url))
-    svc = ExecutionService(bus, exchange, ledger=ledger)
+    svc = ExecutionService(bus, exchange, ledger=ledger, market_history=client)
     await svc.start()
     await bus.start()
     return bus, svc
@@ -207,6 +208,37 @@ async def test_order_path_redelivered_approval_after_restart_places_once(redis_u
     await eventually(lambda: _group_done(redis_client, EventType.ORDER_APPROVED, "execution"))
     placed = await events(redis_url, EventType.ORDER_PLACED)
     assert [p.data["order_id"] for p in placed] == ["dup-1"]
+    assert await redis_client.scard(OPEN_ORDERS_KEY) == 0
+    await bus.stop()
+    await svc.stop()
+
+
+@pytest.mark.parametrize(("published", "closed_as"), [("1", "filled"), ("0.4", "cancelled")])
+async def test_order_path_restart_counts_the_fills_published_before_the_crash(
+    redis_url, redis_client, published, closed_as
+):
+    # The crash came after the ORDER_FILLED reached Redis and before the ledger's write
+    # that goes with the approval's ack: the ledger still says working, nothing filled.
+    assert await RedisLedger(redis_client).claim("gap-1", "BTC/USDT", "1", claimer="dead")
+    fill = {"order_id": "gap-1", "fill_id": "paper-f1", "symbol": "BTC/USDT", "side": "BUY"}
+    await publish(
+        redis_url,
+        Event(
+            event_type=EventType.ORDER_FILLED,
+            data={**fill, "filled_qty": published, "fill_price": "100", "fee": "0"},
+        ),
+    )
+    bus, svc = await start_execution(redis_url, redis_client, "after-crash")
+    cancelled = await events(redis_url, EventType.ORDER_CANCELLED)
+    if closed_as == "filled":  # not reported cancelled with nothing filled
+        assert cancelled == []
+    else:  # cancelled, with what was filled
+        assert [(c.data["order_id"], D(c.data["filled_qty"])) for c in cancelled] == [
+            ("gap-1", D(published))
+        ]
+    ledger = await redis_client.hgetall(ORDER_KEY_PREFIX + "gap-1")
+    assert (ledger[b"status"].decode(), ledger[b"filled"].decode()) == (closed_as, published)
+    assert svc.reconciled == ["gap-1"]
     assert await redis_client.scard(OPEN_ORDERS_KEY) == 0
     await bus.stop()
     await svc.stop()

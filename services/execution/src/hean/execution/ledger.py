@@ -27,8 +27,10 @@ CLAIM_TIMEOUT_S = 5.0
 # claim never places twice.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
   redis.call('HSET', KEYS[1], 'status', 'working', 'symbol', ARGV[2], 'size', ARGV[3],
-             'filled', '0', 'claimer', ARGV[5])
+             'filled', '0', 'claimer', ARGV[5],
+             'claimed_ms', now[1] * 1000 + math.floor(now[2] / 1000))
   redis.call('EXPIRE', KEYS[1], ARGV[1])
   redis.call('SADD', KEYS[2], ARGV[4])
   return 1

@@ -6,7 +6,8 @@ Idempotency: an ORDER_APPROVED is worked only after `ledger.claim(order_id)` suc
 atomic marker in Redis), so a redelivery, even to a restarted process, places nothing.
 After a restart, orders the ledger still lists as open are reconciled before new work
 starts: children still open on the venue are cancelled and the parent is reported
-ORDER_CANCELLED ("execution restarted"), so risk releases what it reserved.
+ORDER_CANCELLED ("execution restarted"), so risk releases what it reserved; one that the
+ORDER_FILLED events already in Redis fill completely is closed as filled instead.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from hean.core.bus import EventBus, is_last_attempt
 from hean.core.circuit_breaker import CircuitBreaker, CircuitBreakerOpenError
 from hean.core.errors import TransientError
-from hean.core.event_streams import decode_entry, stream_key
+from hean.core.event_streams import as_str, decode_entry, stream_key
 from hean.core.metrics import Metrics
 from hean.core.resp import RespConnection
 from hean.core.service import ServiceContext
@@ -45,6 +46,9 @@ from hean.execution.paper import PaperConfig, PaperExchange
 from hean.execution.router import ExecutionRouter, ParentOrder, ParentStatus, RouterConfig
 
 log = logging.getLogger(__name__)
+
+#: ORDER_FILLED entries reconciliation reads back when an open order has no claim time.
+RECONCILE_SCAN = 10_000
 
 NonNegDecimal = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
 PosDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
@@ -207,16 +211,33 @@ class ExecutionService:
         return {"state": "healthy"}
 
     async def reconcile(self) -> None:
-        """Cancel what a previous run left open (see the module docstring)."""
+        """Cancel what a previous run left open (see the module docstring). The ledger's
+        fill count goes with the ack of the event that filled, after the ORDER_FILLED is in
+        Redis, so a crash in between leaves it behind the stream: the fills already
+        published count, and an order they fill completely is closed as filled, not
+        reported cancelled."""
         leftovers = await self.ledger.open_orders()
         if not leftovers:
             return
         symbols = {info["symbol"] for info in leftovers.values() if info.get("symbol")}
         venue_open = set(await self.exchange.open_client_order_ids(symbols))
+        published: dict[str, Decimal] = {}
+        if self.market_history is not None:
+            published = await self._published_fills(self.market_history, leftovers)
         for order_id, info in leftovers.items():
             for client_id in [c for c in venue_open if c.startswith(f"{order_id}-")]:
                 await self.exchange.cancel(client_id, 0, info.get("symbol"))
-            filled = info.get("filled", "0")
+            done = max(Decimal(info.get("filled") or "0"), published.get(order_id, Decimal(0)))
+            filled = str(done)
+            self.reconciled.append(order_id)
+            if info.get("size") and done >= Decimal(info["size"]):
+                await self.ledger.finish(order_id, ParentStatus.FILLED.value, filled)
+                log.warning(
+                    "order %s was filled before the restart (its ORDER_FILLED is in Redis, the "
+                    "ledger had not caught up): closed as filled",
+                    order_id,
+                )
+                continue
             await self.bus.publish(
                 Event(
                     event_type=EventType.ORDER_CANCELLED,
@@ -229,8 +250,42 @@ class ExecutionService:
                 )
             )
             await self.ledger.finish(order_id, ParentStatus.CANCELLED.value, filled)
-            self.reconciled.append(order_id)
         log.warning("reconciled %d open orders left by a previous run", len(leftovers))
+
+    async def _published_fills(
+        self, client: aioredis.Redis, orders: dict[str, dict[str, str]]
+    ) -> dict[str, Decimal]:
+        """Per order of `orders`, the quantity its ORDER_FILLED events already say (each
+        fill id once). Read from the oldest order's claim time on; where a ledger entry has
+        none (claimed by an older version), from the newest RECONCILE_SCAN fills."""
+        key = stream_key(EventType.ORDER_FILLED)
+        claimed = [int(info["claimed_ms"]) for info in orders.values() if info.get("claimed_ms")]
+        entries: list[Any] = []
+        if len(claimed) == len(orders):
+            start = f"{min(claimed)}-0"
+            while True:
+                page: Any = await client.xrange(key, min=start, count=1000)
+                entries.extend(page)
+                if len(page) < 1000:
+                    break
+                start = "(" + as_str(page[-1][0])
+        else:
+            newest: Any = await client.xrevrange(key, count=RECONCILE_SCAN)
+            entries = list(reversed(newest))
+        filled: dict[str, Decimal] = {}
+        seen: set[str] = set()
+        for _entry_id, fields in entries:
+            try:
+                data = decode_entry(key, fields).data
+            except InvalidEventError:
+                continue  # dead-lettered by its consumers; says nothing reliable here
+            order_id, fill_id = str(data.get("order_id")), str(data.get("fill_id"))
+            if order_id in orders and fill_id not in seen:
+                seen.add(fill_id)
+                filled[order_id] = filled.get(order_id, Decimal(0)) + Decimal(
+                    str(data["filled_qty"])
+                )
+        return filled
 
     async def warm_up(self, client: aioredis.Redis, count: int = 500) -> None:
         """Seed the last price per symbol (and the VWAP volume profile) from the newest
