@@ -862,7 +862,9 @@ class RedisStreamsTransport(Transport):
             if conn is not None:
                 await conn.aclose()
         if self._client is not None:
-            await self._client.aclose()
+            # The pool was passed in, so aclose() alone would leave its connections open
+            # (and carrying this consumer's name: peers would think it still runs).
+            await self._client.aclose(close_connection_pool=True)
         self._reader = self._conflated_reader = self._outbox_conn = self._ack_conn = None
         self._client = None
 
