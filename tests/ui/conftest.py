@@ -164,8 +164,14 @@ class System:
 
 
 @pytest.fixture(scope="module")
-def system(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    """`hean up` on the session's test Redis (flushed first), plus the dashboard server."""
+def system(
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[System]:
+    """`hean up` on the session's test Redis (flushed first), plus the dashboard server.
+    The services' logs are printed if it fails to start or a test using it fails."""
+    failed_before = request.session.testsfailed
     client = redis_server.sync_client()
     client.flushall()
     client.close()
@@ -216,12 +222,21 @@ def system(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
         system.children.append(ui)
         yield system
     except BaseException:
-        for log in sorted(workdir.rglob("*.log")):
-            print(f"--- {log} ---\n{log.read_text(errors='replace')[-3000:]}")
+        _print_logs(workdir)
         raise
     finally:
         for child in reversed(system.children):
             child.stop(signal.SIGINT if child is up else signal.SIGTERM)
+    if request.session.testsfailed > failed_before:
+        # Straight to the terminal: a module fixture's teardown output is not in any report.
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            _print_logs(workdir)
+
+
+def _print_logs(workdir: Path) -> None:
+    for log in sorted(workdir.rglob("*.log")):
+        print(f"--- {log} ---\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture
