@@ -1513,8 +1513,9 @@ class RedisStreamsTransport(Transport):
             if not self._running or not self._connected:
                 continue
             try:
+                names = await self._client_names()
                 for event_type in self.dispatcher.event_types:
-                    await self._take_from_gone(stream_key(event_type))
+                    await self._take_from_gone(stream_key(event_type), names)
                     await self._reclaim(stream_key(event_type))
                     await self._report_group(stream_key(event_type))
                 if time.monotonic() - last_gc > self.config.consumer_gc_idle_ms / 1000 / 4:
@@ -1553,12 +1554,11 @@ class RedisStreamsTransport(Transport):
             if cursor == "0-0":
                 return
 
-    async def _gone_consumers(self, stream: str) -> list[str]:
-        """Consumers of our group on `stream` that hold pending entries while no Redis
-        connection carries their name: their process has exited or been killed (Redis sees
-        the socket close at once). Empty where CLIENT LIST is refused."""
+    async def _client_names(self) -> set[str] | None:
+        """The names on Redis's client connections (CLIENT LIST); None where Redis refuses
+        the command (an ACL)."""
         if not self._client_list_allowed:
-            return []
+            return None
         try:
             clients: Any = await self.client.client_list(_type="normal")
         except ResponseError as exc:
@@ -1568,8 +1568,15 @@ class RedisStreamsTransport(Transport):
                 "over only once idle for EVENT_CLAIM_IDLE_MS",
                 exc,
             )
+            return None
+        return {str(c.get("name", "")) for c in clients}
+
+    async def _gone_consumers(self, stream: str, names: set[str] | None) -> list[str]:
+        """Consumers of our group on `stream` that hold pending entries while no Redis
+        connection carries their name (`names`, from `_client_names`): their process has
+        exited or been killed (Redis sees the socket close at once)."""
+        if names is None:
             return []
-        names = {str(c.get("name", "")) for c in clients}
         consumers: Any = await self.client.xinfo_consumers(stream, self.config.group)
         return [
             name
@@ -1577,10 +1584,10 @@ class RedisStreamsTransport(Transport):
             if name != self.config.consumer and consumer_client_name(name) not in names
         ]
 
-    async def _take_from_gone(self, stream: str) -> None:
+    async def _take_from_gone(self, stream: str, names: set[str] | None) -> None:
         """Take over, in stream order, the entries of consumers found gone by this claim
         round and the one before (a consumer reconnecting after a blip is not gone)."""
-        gone = set(await self._gone_consumers(stream))
+        gone = set(await self._gone_consumers(stream, names))
         confirmed = gone & self._gone.get(stream, set())
         self._gone[stream] = gone
         for consumer in sorted(confirmed):
@@ -1719,6 +1726,7 @@ class RedisStreamsTransport(Transport):
         consumer (the only one of its service) takes over every pending entry, whoever
         held it, since its holder was a predecessor that died; any consumer handles its own.
         New events wait, so a restart keeps per-stream order (ADR 0002)."""
+        names = None if self.config.exclusive else await self._client_names()
         for event_type in self.dispatcher.event_types:
             stream = stream_key(event_type)
             if self.config.exclusive:
@@ -1726,7 +1734,7 @@ class RedisStreamsTransport(Transport):
             else:
                 # A gone consumer's entries become ours (JUSTID: not a delivery yet), so
                 # the read of our own pending hands them out with ours, in stream order.
-                for consumer in await self._gone_consumers(stream):
+                for consumer in await self._gone_consumers(stream, names):
                     _, deleted = await self._claim_from(stream, consumer, justid=True)
                     await self._take_over(stream, [], deleted)
                 await self._read_own_pending(stream)

@@ -181,8 +181,6 @@ class StrategyService:
         self.states: dict[str, SymbolState] = {}
         self.signals = 0
         self.decisions = 0
-        self.reordered = 0  # predictions held for their predecessor, then handled after it
-        self.gaps = 0  # predecessors given up on after reorder_wait_s
         self.last_reason: dict[str, str] = {}
         self._held: dict[str, list[_Held]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -209,7 +207,7 @@ class StrategyService:
             held = self._held.setdefault(pred.symbol, [])
             bisect.insort(held, item, key=lambda h: h.prediction.bar_ns)
             if pred.symbol not in self._timers:
-                self._arm(pred.symbol)
+                self._rearm(pred.symbol)
             return
         self._decide(pred)
         self._release(pred.symbol)
@@ -227,7 +225,6 @@ class StrategyService:
         held = self._held.get(symbol)
         while held and not self._waits_for_predecessor(held[0].prediction):
             self._resume(held.pop(0))
-            self.reordered += 1
         self._rearm(symbol)
 
     def _give_up(self, symbol: str) -> None:
@@ -238,7 +235,6 @@ class StrategyService:
         if not held:
             return
         first = held.pop(0)
-        self.gaps += 1
         log.warning(
             "%s: the prediction for bar %d did not come within %.1f s; deciding on bar %d "
             "without it",
@@ -257,20 +253,18 @@ class StrategyService:
         except Exception:  # left unacked by resume(): delivered again once idle
             log.exception("strategy failed on held prediction %s", item.event.event.event_id)
 
-    def _arm(self, symbol: str) -> None:
-        held = self._held[symbol]
-        loop = asyncio.get_running_loop()
-        delay = max(held[0].deadline - loop.time(), 0.0)
-        self._timers[symbol] = loop.call_later(delay, self._give_up, symbol)
-
     def _rearm(self, symbol: str) -> None:
+        """The symbol's give-up timer, set for its oldest held prediction (none if none)."""
         timer = self._timers.pop(symbol, None)
         if timer is not None:
             timer.cancel()
-        if self._held.get(symbol):
-            self._arm(symbol)
-        else:
+        held = self._held.get(symbol)
+        if not held:
             self._held.pop(symbol, None)
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(held[0].deadline - loop.time(), 0.0)
+        self._timers[symbol] = loop.call_later(delay, self._give_up, symbol)
 
     def _decide(self, pred: PredictionInput) -> None:
         state = self.states.get(pred.symbol, SymbolState())
