@@ -213,13 +213,22 @@ async def test_order_path_redelivered_approval_after_restart_places_once(redis_u
     await svc.stop()
 
 
-@pytest.mark.parametrize(("published", "closed_as"), [("1", "filled"), ("0.4", "cancelled")])
+@pytest.mark.parametrize(
+    ("published", "closed_as", "claim_time"),
+    [
+        ("1", "filled", True),
+        ("0.4", "cancelled", True),
+        ("1", "filled", False),  # claimed by a version that did not record the claim time
+    ],
+)
 async def test_order_path_restart_counts_the_fills_published_before_the_crash(
-    redis_url, redis_client, published, closed_as
+    redis_url, redis_client, published, closed_as, claim_time
 ):
     # The crash came after the ORDER_FILLED reached Redis and before the ledger's write
     # that goes with the approval's ack: the ledger still says working, nothing filled.
     assert await RedisLedger(redis_client).claim("gap-1", "BTC/USDT", "1", claimer="dead")
+    if not claim_time:
+        await redis_client.hdel(ORDER_KEY_PREFIX + "gap-1", "claimed_ms")
     fill = {"order_id": "gap-1", "fill_id": "paper-f1", "symbol": "BTC/USDT", "side": "BUY"}
     await publish(
         redis_url,

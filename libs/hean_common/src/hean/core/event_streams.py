@@ -172,7 +172,9 @@ class RedisEventStream:
     def __init__(
         self, redis_url: str | None = None, *, client: aioredis.Redis | None = None
     ) -> None:
-        self._url = redis_url or load_settings(CoreSettings).redis_url
+        if redis_url is None and client is None:
+            redis_url = load_settings(CoreSettings).redis_url
+        self._url = redis_url or "the given client"
         self._client = client
         self._owns_client = client is None
 

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from hean.core.bus import EventBus, is_last_attempt
 from hean.core.circuit_breaker import CircuitBreaker, CircuitBreakerOpenError
 from hean.core.errors import TransientError
-from hean.core.event_streams import as_str, decode_entry, stream_key
+from hean.core.event_streams import RedisEventStream, as_str, decode_entry, stream_key
 from hean.core.metrics import Metrics
 from hean.core.resp import RespConnection
 from hean.core.service import ServiceContext
@@ -258,33 +258,23 @@ class ExecutionService:
         """Per order of `orders`, the quantity its ORDER_FILLED events already say (each
         fill id once). Read from the oldest order's claim time on; where a ledger entry has
         none (claimed by an older version), from the newest RECONCILE_SCAN fills."""
-        key = stream_key(EventType.ORDER_FILLED)
         claimed = [int(info["claimed_ms"]) for info in orders.values() if info.get("claimed_ms")]
-        entries: list[Any] = []
         if len(claimed) == len(orders):
             start = f"{min(claimed)}-0"
-            while True:
-                page: Any = await client.xrange(key, min=start, count=1000)
-                entries.extend(page)
-                if len(page) < 1000:
-                    break
-                start = "(" + as_str(page[-1][0])
         else:
-            newest: Any = await client.xrevrange(key, count=RECONCILE_SCAN)
-            entries = list(reversed(newest))
+            newest: Any = await client.xrevrange(
+                stream_key(EventType.ORDER_FILLED), count=RECONCILE_SCAN
+            )
+            start = as_str(newest[-1][0]) if newest else "-"
         filled: dict[str, Decimal] = {}
         seen: set[str] = set()
-        for _entry_id, fields in entries:
-            try:
-                data = decode_entry(key, fields).data
-            except InvalidEventError:
-                continue  # dead-lettered by its consumers; says nothing reliable here
-            order_id, fill_id = str(data.get("order_id")), str(data.get("fill_id"))
+        history = RedisEventStream(client=client)
+        async for event in history.replay_events(EventType.ORDER_FILLED, start):
+            order_id, fill_id = str(event.data.get("order_id")), str(event.data.get("fill_id"))
             if order_id in orders and fill_id not in seen:
                 seen.add(fill_id)
-                filled[order_id] = filled.get(order_id, Decimal(0)) + Decimal(
-                    str(data["filled_qty"])
-                )
+                qty = Decimal(str(event.data["filled_qty"]))
+                filled[order_id] = filled.get(order_id, Decimal(0)) + qty
         return filled
 
     async def warm_up(self, client: aioredis.Redis, count: int = 500) -> None:
