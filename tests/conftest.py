@@ -36,6 +36,8 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     appendonly: bool = False
     password: str | None = None
+    #: More redis-server options (e.g. a slow load: `--key-load-delay`).
+    extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,6 +62,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)

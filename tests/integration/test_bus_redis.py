@@ -318,6 +318,44 @@ async def test_bus_outbox_survives_redis_restart_in_order_and_bounded(
     assert publisher.health().state is BusState.HEALTHY
 
 
+async def test_bus_outbox_resends_what_redis_answers_loading_after_a_restart(
+    redis_factory: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Redis that restarts with data reads it before serving: meanwhile it accepts
+    # connections and answers LOADING. That is not a refusal: nothing may be dropped.
+    server = redis_factory()
+    data = server.sync_client()
+    data.mset({f"filler:{i}": "x" for i in range(20_000)})
+    publisher = make_bus(server.url, "market-data", reconnect_max_s=0.1)
+    await publisher.start()
+    try:
+        await publisher.publish(tick(0))
+        await publisher.flush(10)
+        data.save()  # tick 0 and the filler, read back at the restart
+        data.close()
+        server.stop()
+        # 20,000 keys x 200 us: Redis answers LOADING for about 4 s after it starts.
+        server.extra_args = (
+            "--key-load-delay", "200", "--loading-process-events-interval-bytes", "1024",
+        )  # fmt: skip
+        starting = asyncio.create_task(asyncio.to_thread(server.start, 60.0))
+        for i in range(1, 200):
+            await publisher.publish(tick(i))
+            await asyncio.sleep(0.02)
+        await starting
+        await publisher.flush(30)
+    finally:
+        await publisher.stop()
+    client = server.sync_client()
+    raw: Any = client.xrange(TICKS)
+    client.close()
+    seqs = [orjson.loads(fields[b"event"])["data"]["seq"] for _id, fields in raw]
+    assert sorted(set(seqs)) == list(range(200)), "ticks lost while Redis was loading"
+    first_seen = list(dict.fromkeys(seqs))
+    assert first_seen == list(range(200)), "ticks out of order"
+    assert "Redis is loading its data" in caplog.text, "Redis never answered LOADING"
+
+
 async def test_bus_redis_restart_without_persistence_recreates_group(
     redis_factory: Callable[..., RedisServer], buses: list[EventBus]
 ) -> None:
