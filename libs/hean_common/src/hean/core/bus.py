@@ -50,8 +50,8 @@ from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hean.core.errors import PermanentError, QueueFullError
@@ -1002,12 +1002,9 @@ class RedisStreamsTransport(Transport):
                 self._requeue_acks(acks)
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            ack_replies = [next(replies) for _ in range(acks.commands_count)]
-            loading = next((r for r in ack_replies if isinstance(r, BusyLoadingError)), None)
-            if loading is None:
-                self._acks_done(acks, ack_replies)
-            else:
-                self._requeue_acks(acks)
+            backoff.reset()
+            self._set_connected(True)
+            self._acks_done(acks, [next(replies) for _ in range(acks.commands_count)])
             published: dict[str, int] = {}
             for item in batch:
                 result = next(replies)
@@ -1015,15 +1012,6 @@ class RedisStreamsTransport(Transport):
                 then_errors = [
                     r for r in (next(replies) for _ in separate) if isinstance(r, Exception)
                 ]
-                busy = next(
-                    (r for r in (result, *then_errors) if isinstance(r, BusyLoadingError)), None
-                )
-                if busy is not None:
-                    # Redis restarted and is still reading its data: not a refusal. This
-                    # entry and the ones after it stay in the outbox and go again (those
-                    # Redis took meanwhile are written twice, as after a lost connection).
-                    loading = loading or busy
-                    break
                 self._outbox.popleft()
                 self._flushed_seq += 1
                 if then_errors and not isinstance(result, Exception):
@@ -1053,19 +1041,12 @@ class RedisStreamsTransport(Transport):
                 if item.future is not None and not item.future.done():
                     item.future.set_result("" if result is None else as_str(result))
             self._flush_waiters = _wake(self._flush_waiters, self._flushed_seq)
+            if not self._outbox and (any(self._acks.values()) or self._ack_commands):
+                self._ack_wakeup.set()  # acks queued meanwhile: no flush to carry them
             if self.metrics is not None:
                 for etype, count in published.items():
                     self.metrics.events_published.labels(etype).inc(count)
                 self._report_sizes()
-            if loading is not None:
-                log.warning("Redis is loading its data after a restart: resending")
-                self._set_connected(False, loading)
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            backoff.reset()
-            self._set_connected(True)
-            if not self._outbox and (any(self._acks.values()) or self._ack_commands):
-                self._ack_wakeup.set()  # acks queued meanwhile: no flush to carry them
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until everything published so far is in Redis and every ack is sent."""
@@ -1490,10 +1471,6 @@ class RedisStreamsTransport(Transport):
             except _REDIS_DOWN as exc:
                 self._set_connected(False, exc)
                 self._requeue_acks(batch)
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            if any(isinstance(reply, BusyLoadingError) for reply in replies):
-                self._requeue_acks(batch)  # Redis is loading its data: again shortly
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()

@@ -11,8 +11,12 @@ admin) stays on redis-py.
 Behaviour kept from redis-py, so the bus's error handling does not change:
 
 * error replies become redis-py's exception classes (`BaseParser.parse_error`: `NOGROUP`
-  is a `ResponseError`, `LOADING` a `BusyLoadingError`, a wrong password an
-  `AuthenticationError`), returned in place by `execute(raise_on_error=False)`;
+  is a `ResponseError`, a wrong password an `AuthenticationError`), returned in place by
+  `execute(raise_on_error=False)`;
+* `LOADING` (a restarted Redis still reading its data) is a `BusyLoadingError`, a kind of
+  redis-py `ConnectionError`, and `execute` raises it even with `raise_on_error=False`:
+  Redis is not serving yet, so callers retry as after a lost connection (the bus's outbox
+  and acks resend their pipeline) instead of taking it for a refusal of one command;
 * a lost connection raises redis-py's `ConnectionError` to every caller waiting on it, and
   the next command connects again;
 * the URL is read by redis-py's `parse_url`: `redis://`, `rediss://` (TLS) and `unix://`,
@@ -34,8 +38,8 @@ from typing import Any, cast
 import hiredis
 from redis._parsers.base import BaseParser
 from redis.connection import parse_url
+from redis.exceptions import BusyLoadingError, DataError, InvalidResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, InvalidResponse
 
 _CRLF = b"\r\n"
 
@@ -221,10 +225,11 @@ class RespConnection:
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
         replies = await self._send(protocol, commands)
-        if raise_on_error:
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
+        for reply in replies:
+            if isinstance(reply, BusyLoadingError) or (
+                raise_on_error and isinstance(reply, Exception)
+            ):
+                raise reply
         return replies
 
     async def command(self, *args: Any) -> Any:
