@@ -13,6 +13,7 @@ import orjson
 import pytest
 import redis
 
+from hean.cli.up import Child, dump_stacks
 from hean.core.bus import EventBus
 from hean.core.event_streams import DLQ_STREAM, dead_letter_fields, stream_key
 from hean.core.health import HealthReporter
@@ -215,6 +216,39 @@ def test_killswitch_trigger_status_reset_through_risk(subprocess_env):
     finally:
         risk.terminate()
         risk.wait(timeout=20)
+
+
+@pytest.mark.timeout(120)
+def test_a_stuck_service_can_be_asked_for_its_stacks(subprocess_env, tmp_path):
+    """What `hean up` does to a child that misses its start or stop deadline: SIGUSR1
+    makes the service write every thread's stack to its log, and it keeps running."""
+    env = {**subprocess_env, "HEALTH_PORT": "0"}
+    log_path = tmp_path / "risk.log"
+    log_file = log_path.open("ab")
+    risk = subprocess.Popen(
+        [sys.executable, "-m", "hean.risk"], env=env, cwd=ROOT,
+        stdout=log_file, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for_risk_group(env["REDIS_URL"])
+        dump_stacks(Child("risk", 0, log_path, risk, log_file))
+        text = eventually_text(log_path, "most recent call first")
+        assert "Current thread" in text or "Thread 0x" in text
+        assert "hean/core/service.py" in text  # the main thread, inside run_service
+        assert risk.poll() is None
+    finally:
+        risk.terminate()
+        risk.wait(timeout=20)
+        log_file.close()
+
+
+def eventually_text(path: Path, needle: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace")
+        if needle in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
 
 
 def test_train_help_is_delegated(subprocess_env):

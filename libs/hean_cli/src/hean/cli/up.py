@@ -269,9 +269,11 @@ class Supervisor:
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
+                dump_stacks(child)
                 raise UpError(
                     f"{child.name} did not answer on {url} within "
-                    f"{self.options.start_timeout:.0f} s (log: {child.log_path})"
+                    f"{self.options.start_timeout:.0f} s; its stacks are in its log "
+                    f"({child.log_path})"
                 )
             time.sleep(0.1)
 
@@ -327,7 +329,11 @@ class Supervisor:
             try:
                 child.process.wait(timeout=remaining)
             except subprocess.TimeoutExpired:
-                self.console.print(f"{child.name} did not stop in time: killing it")
+                dump_stacks(child)
+                self.console.print(
+                    f"{child.name} did not stop in time: killing it (its stacks are in "
+                    f"{child.log_path})"
+                )
                 child.process.kill()
                 child.process.wait()
             child.log_file.close()
@@ -339,6 +345,16 @@ class Supervisor:
                 self.redis_proc.kill()
                 self.redis_proc.wait()
             self.redis_proc = None
+
+
+def dump_stacks(child: Child) -> None:
+    """Have a stuck child write its threads' stacks to its log (services register
+    faulthandler on SIGUSR1), so a hang says where it is."""
+    if child.name == UI.name or child.process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        child.process.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
 
 
 def last_line(path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import inspect
 import logging
@@ -168,6 +169,10 @@ def run_service(
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the service's log under
+    # `hean up`): what a hung service is doing, without stopping it. `hean up` sends it to a
+    # child that misses its start or stop deadline.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(name, build, settings, exclusive=exclusive, freeze_gc=True))
