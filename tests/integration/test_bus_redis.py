@@ -802,6 +802,7 @@ async def test_bus_conflated_entry_older_than_one_handed_out_is_acked_unhandled(
     assert isinstance(transport, RedisStreamsTransport)
     await transport._accept_conflated(key, newer[0][1])  # the newer reply handled first
     await transport._accept_conflated(key, older[0][1])
+    await transport._check_superseded()  # what the reading loops do after a read
     await risk.flush(5)
     assert marks == [2]
     assert transport.conflated_count == 1

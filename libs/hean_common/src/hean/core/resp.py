@@ -175,7 +175,7 @@ class RespConnection:
             if setup:
                 try:
                     async with asyncio.timeout(self._connect_timeout):
-                        replies = await self._send(protocol, setup)
+                        replies = await self._write(protocol, setup).wait(raise_on_error=False)
                 except BaseException:
                     protocol.fail(RedisConnectionError("connection set-up interrupted"))
                     raise
@@ -199,7 +199,7 @@ class RespConnection:
         return context
 
     @staticmethod
-    async def _send(protocol: _Protocol, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    def _write(protocol: _Protocol, commands: Sequence[Sequence[Any]]) -> PendingReplies:
         if protocol.lost is not None:
             raise protocol.lost
         assert protocol.transport is not None
@@ -207,12 +207,20 @@ class RespConnection:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         protocol.waiting.append(_Batch(len(commands), future))
         protocol.transport.write(payload)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            # Given up (a timeout): the replies still coming would go to the wrong callers.
-            protocol.fail(RedisConnectionError("a reply was abandoned; connection closed"))
-            raise
+        return PendingReplies(protocol, future)
+
+    async def connect(self) -> None:
+        """Connect now unless connected (`execute` does this by itself)."""
+        if self._protocol is None or self._protocol.lost is not None:
+            await self._connect()
+
+    def send_nowait(self, commands: Sequence[Sequence[Any]]) -> PendingReplies | None:
+        """Write `commands` now, in one write, without waiting for a turn of the event loop;
+        None when not connected (then `connect` or `execute`) or with no commands."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None or not commands:
+            return None
+        return self._write(protocol, commands)
 
     async def execute(
         self, commands: Sequence[Sequence[Any]], *, raise_on_error: bool = True
@@ -224,13 +232,7 @@ class RespConnection:
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
-        replies = await self._send(protocol, commands)
-        for reply in replies:
-            if isinstance(reply, BusyLoadingError) or (
-                raise_on_error and isinstance(reply, Exception)
-            ):
-                raise reply
-        return replies
+        return await self._write(protocol, commands).wait(raise_on_error=raise_on_error)
 
     async def command(self, *args: Any) -> Any:
         return (await self.execute([args]))[0]
@@ -293,6 +295,33 @@ def xread_reply(reply: Any) -> list[list[Any]] | None:
 def _pairs(flat: list[Any]) -> dict[Any, Any]:
     it = iter(flat)
     return dict(zip(it, it, strict=True))
+
+
+class PendingReplies:
+    """The replies to one write (`RespConnection.send_nowait`), in order."""
+
+    __slots__ = ("_future", "_protocol")
+
+    def __init__(self, protocol: _Protocol, future: asyncio.Future[list[Any]]) -> None:
+        self._protocol = protocol
+        self._future = future
+
+    async def wait(self, *, raise_on_error: bool = True) -> list[Any]:
+        """The replies (errors in place unless `raise_on_error`, then the first is raised;
+        `LOADING` is raised either way, see the module docstring). Giving up on them (a
+        timeout, a cancellation) closes the connection: the replies still coming would be
+        handed to the wrong callers."""
+        try:
+            replies = await self._future
+        except asyncio.CancelledError:
+            self._protocol.fail(RedisConnectionError("a reply was abandoned; connection closed"))
+            raise
+        for reply in replies:
+            if isinstance(reply, BusyLoadingError) or (
+                raise_on_error and isinstance(reply, Exception)
+            ):
+                raise reply
+        return replies
 
 
 class RespPipeline:
