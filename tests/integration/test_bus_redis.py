@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import BusyLoadingError, DataError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from hean.core.bus import (
@@ -896,6 +896,32 @@ async def test_bus_write_on_ack_goes_with_the_ack_and_a_failed_handlers_write_is
         strategy.write_on_ack("SET", "k", "v")
     with pytest.raises(ValueError, match="no Redis"):
         EventBus().write_on_ack("SET", "k", "v")
+
+
+async def test_bus_a_command_it_cannot_send_is_refused_to_the_caller(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    """A bad argument in `then` or `write_on_ack` is the caller's error when it is queued,
+    not the outbox's or the ack pipeline's later (which would stop them for everyone)."""
+    bus = make_bus(redis_url, "strategy")
+    await bus.start()
+    buses.append(bus)
+    with pytest.raises(DataError, match="NoneType"):
+        await bus.publish(tick(1), then=[("HSET", "hean:test:h", "f", None)])
+    refused: list[BaseException] = []
+
+    def handler(event: Event) -> None:
+        try:
+            bus.write_on_ack("SET", "hean:test:k", None)
+        except DataError as exc:
+            refused.append(exc)
+
+    bus.subscribe(EventType.TICK, handler)
+    await bus.publish(tick(2))
+    await eventually(lambda: len(refused) == 1, timeout=10)
+    await bus.flush(5)
+    entries: Any = await redis_client.xrange(TICKS)
+    assert [orjson.loads(f[EVENT_FIELD])["data"]["seq"] for _, f in entries] == [2]
 
 
 async def test_bus_held_event_is_acked_once_resumed_with_its_own_outputs_and_writes(

@@ -50,6 +50,23 @@ async def test_pipeline_replies_in_order_with_refusals_in_place(conn: RespConnec
     assert await conn.execute([]) == []
 
 
+async def test_send_nowait_writes_at_once_and_each_write_gets_its_own_replies(
+    conn: RespConnection,
+) -> None:
+    assert conn.send_nowait([("PING",)]) is None  # not connected: connect() or execute()
+    await conn.connect()
+    first = conn.send_nowait([("SET", "a", "1"), ("INCR", "a")])
+    second = conn.send_nowait([("GET", "a")])
+    assert first is not None and second is not None
+    assert await second.wait() == [b"2"]  # awaited out of order, still its own replies
+    assert await first.wait() == [b"OK", 2]
+    assert conn.send_nowait([]) is None
+    refused = conn.send_nowait([("XADD", "a", "*", "f", "v")])  # WRONGTYPE
+    assert refused is not None
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await refused.wait()
+
+
 async def test_xreadgroup_answers_like_redis_py(
     conn: RespConnection, redis_client: aioredis.Redis
 ) -> None:
