@@ -690,7 +690,7 @@ def main() -> None:
         "--probe-rates",
         type=float,
         nargs="+",
-        default=[1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000],
+        default=[1000, 2000, 4000, 6000, 8000, 10000, 12000, 14000, 16000],
     )
     parser.add_argument("--symbols", default="BTC/USDT", help="comma-separated")
     parser.add_argument("--ml-replicas", type=int, default=1)
