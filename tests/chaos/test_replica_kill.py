@@ -106,11 +106,21 @@ async def test_kill_one_of_three_ml_replicas_others_take_over(
         # Kill mid-run, at a moment the victim holds entries (pending = read, not acked).
         await asyncio.sleep(KILL_AFTER_S)
 
-        # Freeze it (SIGSTOP) and look: if it holds nothing at that instant, let it run a
-        # little and try again. A frozen process cannot ack, so what it holds is certain.
+        # Freeze it (SIGSTOP) and look. A frozen process cannot ack, so what it holds is
+        # certain. Its handling is a fraction of a millisecond per entry, so it is rarely
+        # caught holding one; but its blocking read is almost always waiting in Redis, and
+        # Redis serves a frozen consumer's waiting read like any other: as the publisher
+        # goes on and the other two take turns, an entry becomes pending for the frozen
+        # one within a few inputs. If none does (frozen between two reads), let it run a
+        # little and try again.
         async def frozen_holding_work() -> bool:
             os.kill(victim.popen.pid, signal.SIGSTOP)
-            if await _consumer_pending(client, consumer) > 0 or publisher.done():
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline and not publisher.done():
+                if await _consumer_pending(client, consumer) > 0:
+                    return True
+                await asyncio.sleep(0.02)
+            if publisher.done():
                 return True
             os.kill(victim.popen.pid, signal.SIGCONT)
             return False
