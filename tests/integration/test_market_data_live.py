@@ -10,7 +10,6 @@ tested in test_market_data_ws.py.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -29,7 +28,7 @@ from hean.market_data.service import (
     build,
     make_ccxt_client,
 )
-from tests.fakes.bybit_ws import BAR_MS, T0_MS, FakeBybit, bar_row
+from tests.fakes.bybit_ws import BAR_MS, T0_MS, FakeBybit, bar_row, real_clock_t0
 from tests.helpers import eventually
 from tests.integration.signal_path_helpers import FAST, running
 
@@ -253,7 +252,7 @@ async def test_market_data_service_live_mode_publishes_closed_bars_healthy(
     venue: tuple[FakeBybit, str], redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     fake, api_url = venue
-    fake.t0_ms = (int(time.time() * 1000) // BAR_MS - 50) * BAR_MS
+    fake.t0_ms = await real_clock_t0(50)
     fake.add(*range(51))  # bar 50 is the one forming now (real clock)
     settings = MarketDataSettings(
         REDIS_URL=redis_url,

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -35,7 +34,7 @@ from hean.market_data.service import (
     make_ccxt_client,
 )
 from tests.conftest import ROOT, free_port
-from tests.fakes.bybit_ws import BAR_MS, T0_MS, FakeBybit
+from tests.fakes.bybit_ws import BAR_MS, T0_MS, FakeBybit, real_clock_t0
 from tests.helpers import eventually
 from tests.integration.signal_path_helpers import FAST, read, running
 
@@ -316,7 +315,7 @@ async def test_market_data_live_transport_rest_polls_without_websocket(
     venue: tuple[FakeBybit, str, str], redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     fake, api_url, ws_url = venue
-    fake.t0_ms = (int(time.time() * 1000) // BAR_MS - 20) * BAR_MS
+    fake.t0_ms = await real_clock_t0(20)
     fake.add(*range(20))
     settings = live_settings(
         redis_url,
@@ -409,7 +408,7 @@ async def test_market_data_process_streams_over_websocket_and_recovers_from_a_dr
 ) -> None:
     fake, api_url, ws_url = venue
     # Real time here: bar 50 is the one forming now.
-    fake.t0_ms = (int(time.time() * 1000) // BAR_MS - 50) * BAR_MS
+    fake.t0_ms = await real_clock_t0(50)
     fake.add(*range(50))
     port = free_port()
     env = {
