@@ -7,6 +7,7 @@ Redis get their own server (`redis_factory`).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,36 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.Random()
+_HANDED_OUT: set[int] = set()  # never the same port twice in one session
+
+
 def free_port() -> int:
+    """A free port below the ephemeral range, for a server a test starts (redis-server, a
+    service's HEALTH_PORT). Port 0 would give one inside the range that outgoing
+    connections take their local ports from: between this check and the server's bind, a
+    Redis client's connection could take it (seen in CI: "address already in use" from a
+    service's health server)."""
+    low = _ephemeral_low()
+    if low > 12_000:
+        for _ in range(200):
+            port = _PORTS.randrange(low - 10_000, low - 64)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
