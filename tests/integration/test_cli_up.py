@@ -46,6 +46,9 @@ def test_up_starts_all_services_and_stops_cleanly(redis_url, subprocess_env, tmp
     try:
 
         async def running() -> bool:
+            if proc.poll() is not None:  # gave up: say why now, not after the timeout
+                reader.join(timeout=5)
+                raise AssertionError(f"hean up exited with {proc.returncode}:\n{''.join(lines)}")
             return any("HEAN is running in paper mode" in line for line in lines)
 
         asyncio.run(eventually(running, timeout=180, message="hean up to report it runs"))
