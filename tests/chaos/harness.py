@@ -171,6 +171,16 @@ class System:
                 codes[proc.instance] = None
         return codes
 
+    async def stacks(self) -> str:
+        """Every running service's threads' stacks (SIGUSR1: faulthandler, see
+        `hean.core.service`), as the tails of their logs: what a test that timed out was
+        waiting on."""
+        running = [p for p in self.procs.values() if p.popen.poll() is None]
+        for proc in running:
+            proc.popen.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(0.5)
+        return "".join(f"\n--- {p.label}:\n{tail(p.log_path, 2500)}" for p in running)
+
     def log_paths(self) -> list[Path]:
         return sorted(self.logs.glob("*.log"))
 
@@ -213,7 +223,8 @@ async def wait_for(
         if result:
             return time.monotonic() - start
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}")
+            where = await system.stacks() if system is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}{where}")
         await asyncio.sleep(0.05)
 
 
