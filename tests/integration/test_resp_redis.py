@@ -35,12 +35,15 @@ def test_pack_spells_each_argument_as_a_bulk_string() -> None:
 
 
 async def test_pipeline_replies_in_order_with_refusals_in_place(conn: RespConnection) -> None:
-    async with conn.pipeline() as pipe:
-        pipe.execute_command("SET", "s", "text")
-        pipe.execute_command("XADD", "s", "*", "event", b"{}")  # WRONGTYPE
-        pipe.execute_command("INCRBY", "n", 5)
-        pipe.execute_command("GET", "s")
-        replies = await pipe.execute(raise_on_error=False)
+    replies = await conn.execute(
+        [
+            ("SET", "s", "text"),
+            ("XADD", "s", "*", "event", b"{}"),  # WRONGTYPE
+            ("INCRBY", "n", 5),
+            ("GET", "s"),
+        ],
+        raise_on_error=False,
+    )
     assert replies[0] == b"OK"
     assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
     assert replies[2:] == [5, b"text"]

@@ -865,6 +865,9 @@ class RedisStreamsTransport(Transport):
         for task in self._retry_tasks:
             task.cancel()
         await self._workers.stop(drain_timeout)
+        if self._superseded:  # a read loop stopped between a catch-up and its check
+            with contextlib.suppress(*_REDIS_DOWN):
+                await self._check_superseded()
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         """Stop reading, let in-flight handlers finish, flush acks and the outbox, close."""

@@ -32,7 +32,6 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, cast
 
 import hiredis
@@ -237,11 +236,6 @@ class RespConnection:
     async def command(self, *args: Any) -> Any:
         return (await self.execute([args]))[0]
 
-    def pipeline(self, transaction: bool = False) -> RespPipeline:
-        if transaction:
-            raise ValueError("RespConnection pipelines are not transactions")
-        return RespPipeline(self)
-
     async def xreadgroup(
         self,
         groupname: str,
@@ -322,36 +316,3 @@ class PendingReplies:
             ):
                 raise reply
         return replies
-
-
-class RespPipeline:
-    """Commands buffered, then sent in one write: the subset of redis-py's pipeline the
-    bus uses (`execute_command`, `execute(raise_on_error=...)`, `async with`)."""
-
-    def __init__(self, connection: RespConnection) -> None:
-        self._connection = connection
-        self._commands: list[tuple[Any, ...]] = []
-
-    async def __aenter__(self) -> RespPipeline:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._commands = []
-
-    def __len__(self) -> int:
-        return len(self._commands)
-
-    def execute_command(self, *args: Any) -> RespPipeline:
-        self._commands.append(args)
-        return self
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        commands, self._commands = self._commands, []
-        if not commands:
-            return []
-        return await self._connection.execute(commands, raise_on_error=raise_on_error)
