@@ -27,6 +27,7 @@ from hean.core.bus import (
     RedisBusConfig,
     RedisStreamsTransport,
     consumer_client_name,
+    worker_lane,
 )
 from hean.core.errors import PermanentError, QueueFullError
 from hean.core.event_streams import DLQ_STREAM, EVENT_FIELD, RedisEventStream, stream_key
@@ -1050,6 +1051,57 @@ async def test_bus_worker_takes_next_event_while_an_ack_waits_and_acks_in_any_or
         features.ack_after(loop.create_future())
     with pytest.raises(RuntimeError, match="not running"):
         EventBus().publish_nowait(tick(4))
+
+
+async def test_bus_reconnects_do_not_count_again_an_entry_it_is_still_handling(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    """After a lost connection the bus takes back the pending entries it has not seen (the
+    test below). One it is still handling is neither handed out again nor counted as
+    delivered again: reading its pending list back with XREADGROUP from id 0 added a
+    delivery per reconnect, and a successor after a restart would have dead-lettered the
+    entry early."""
+    bus = make_bus(redis_url, "features", claim_idle_ms=600_000)
+    workers = bus.transport.config.worker_count  # type: ignore[attr-defined]
+    other = next(
+        s for s in ("ETH/USDT", "SOL/USDT", "XRP/USDT", "ADA/USDT", "DOGE/USDT")
+        if worker_lane(s, workers) != worker_lane("BTC/USDT", workers)
+    )  # fmt: skip
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def handler(event: Event) -> None:
+        seen.append(event.data["seq"])
+        if event.data["seq"] == 1:
+            await release.wait()  # still being handled across the reconnects
+
+    bus.subscribe(EventType.TICK, handler)
+    await bus.start()
+    buses.append(bus)
+    await redis_client.xadd(TICKS, {"event": tick(1).to_json()})
+    await eventually(lambda: seen == [1], timeout=10)
+    for seq in (2, 3, 4):
+        await redis_client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        # The bus reads its own pending entries back before anything new: once it handles
+        # this tick of another symbol, it has done so.
+        await redis_client.xadd(TICKS, {"event": tick(seq, other).to_json()})
+
+        def handled(seq: int = seq) -> bool:
+            return seen[-1] == seq
+
+        await eventually(handled, timeout=15)
+    rows: Any = await redis_client.xpending_range(
+        TICKS, "features", "-", "+", 10, consumername="features-1"
+    )
+    assert int(rows[0]["times_delivered"]) == 1  # tick 1, the oldest pending entry
+    assert seen == [1, 2, 3, 4]  # tick 1 was not handed out again
+    release.set()
+
+    async def settled() -> bool:
+        info: Any = await redis_client.xpending(TICKS, "features")
+        return int(info["pending"]) == 0
+
+    await eventually(settled, timeout=10)
 
 
 async def test_bus_after_a_lost_connection_first_handles_what_redis_handed_it_unseen(

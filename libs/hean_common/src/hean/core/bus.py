@@ -72,6 +72,7 @@ from hean.core.metrics import Metrics
 from hean.core.resp import (
     PendingReplies,
     RespConnection,
+    entries_reply,
     pack,
     xread_reply,
     xreadgroup_args,
@@ -1750,27 +1751,48 @@ class RedisStreamsTransport(Transport):
     async def _read_own_pending(self, stream: str, client: RespConnection | None = None) -> None:
         """Entries this consumer (same name: a stable INSTANCE_ID) read before a restart, or
         before a lost connection, but never acked: handled first, in order, before anything
-        new. Those being handled here or whose ack is queued are left alone."""
-        cursor = "0-0"
+        new. Those being handled here, or whose ack is queued, are left alone and not
+        counted as delivered again: the list comes from XPENDING, and only the others are
+        taken back, with XCLAIM (one delivery each). Reading them back with XREADGROUP
+        from id 0 would count a delivery of every pending entry, those still being
+        handled too, at every reconnect; a successor taking them over after a restart
+        would then give up on them (dead-letter) early."""
         reader = client or self._reader
         assert reader is not None
+        page = self.config.batch_size * 10
+        start = "-"
         while True:
             await self._wait_capacity()
             async with asyncio.timeout(READ_TIMEOUT_S):
-                response: Any = await reader.xreadgroup(
-                    self.config.group,
-                    self.config.consumer,
-                    {stream: cursor},
-                    count=self.config.batch_size * 10,
+                rows: Any = await reader.command(
+                    "XPENDING", stream, self.config.group, start, "+", page, self.config.consumer
                 )
-            entries = response[0][1] if response else []
-            if not entries:
+            if not rows:
                 return
-            cursor = as_str(entries[-1][0])
-            # An entry deleted or trimmed since comes back without fields.
-            present = [(i, f) for i, f in entries if f]
-            deleted = [i for i, f in entries if not f]
-            await self._take_over(stream, present, deleted)
+            start = "(" + as_str(rows[-1][0])
+            settled = self._settled_here(stream)
+            ids = [entry_id for entry_id in (as_str(r[0]) for r in rows) if entry_id not in settled]
+            if ids:
+                async with asyncio.timeout(READ_TIMEOUT_S):
+                    claimed: Any = await reader.command(
+                        "XCLAIM", stream, self.config.group, self.config.consumer, 0, *ids
+                    )
+                # An entry deleted or trimmed since is not returned (Redis >= 7 also drops it
+                # from the pending list; the ack covers older versions).
+                present = [(i, f) for i, f in entries_reply(claimed) if f]
+                returned = {as_str(i) for i, _ in present}
+                deleted = [i for i in ids if i not in returned]
+                await self._take_over(stream, present, deleted)
+            if len(rows) < page:
+                return
+
+    def _settled_here(self, stream: str) -> set[str]:
+        """Entry ids of `stream` this consumer is handling or has handled (ack queued or to
+        be queued): not to be delivered again."""
+        ids = {entry_id for key, entry_id in self._in_flight if key == stream}
+        ids.update(self._acks.get(stream, ()))  # handled; the ack waits for Redis
+        ids.update(i for key, i, _ in self._superseded if key == stream)  # to be acked
+        return ids
 
     async def _take_over(self, stream: str, claimed: list[Any], deleted: list[Any]) -> None:
         """Dispatch entries taken over from the group's pending list (with their delivery
@@ -1783,12 +1805,11 @@ class RedisStreamsTransport(Transport):
             log.warning(
                 "%d pending entries of %s were trimmed before handling", len(deleted), stream
             )
-        acked = set(self._acks.get(stream, ()))  # handled; the ack waits for Redis
-        acked.update(i for key, i, _ in self._superseded if key == stream)  # to be acked
+        settled = self._settled_here(stream)
         fresh = [
             (entry_id, f)
             for entry_id, f in ((as_str(i), f) for i, f in claimed)
-            if (stream, entry_id) not in self._in_flight and entry_id not in acked
+            if entry_id not in settled
         ]
         if not fresh:
             return

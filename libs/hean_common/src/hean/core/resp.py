@@ -280,9 +280,16 @@ def xread_reply(reply: Any) -> list[list[Any]] | None:
     (None for an entry deleted while pending); None when BLOCK ran out."""
     if reply is None:
         return None
+    return [[stream, entries_reply(entries)] for stream, entries in reply]
+
+
+def entries_reply(entries: Any) -> list[tuple[Any, dict[Any, Any] | None]]:
+    """Stream entries (one stream of an XREADGROUP reply, XCLAIM's) as redis-py's: (id,
+    fields as a dict), fields None for an entry deleted while pending."""
     return [
-        [stream, [(entry[0], None if entry[1] is None else _pairs(entry[1])) for entry in entries]]
-        for stream, entries in reply
+        (entry[0], None if entry[1] is None else _pairs(entry[1]))
+        for entry in entries
+        if entry is not None
     ]
 
 
