@@ -35,18 +35,6 @@ BAR_MS = 60_000
 T0_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 
 
-async def real_clock_t0(bars_before_now: int, margin_s: float = 20.0) -> int:
-    """A fake venue's first bar such that bar `bars_before_now` is the one forming now, on
-    the real clock, for tests of a feed that computes its history window from the clock.
-    Within `margin_s` of a bar's end it first waits for the next bar: a process starting
-    across the boundary would ask for one bar later than the test laid out (a history of
-    49 bars instead of 50, seen once in CI)."""
-    left_s = (BAR_MS - int(time.time() * 1000) % BAR_MS) / 1000
-    if left_s < margin_s:
-        await asyncio.sleep(left_s + 0.2)
-    return (int(time.time() * 1000) // BAR_MS - bars_before_now) * BAR_MS
-
-
 MARKET_ID = "BTCUSDT"
 TOPIC = f"kline.1.{MARKET_ID}"
 #: Bybit's instruments-info row for the BTCUSDT linear perpetual, as the real API answers it;
@@ -78,6 +66,18 @@ INSTRUMENT: dict[str, Any] = {
     "upperFundingRate": "0.00375",
     "lowerFundingRate": "-0.00375",
 }
+
+
+async def real_clock_t0(bars_before_now: int, margin_s: float = 20.0) -> int:
+    """A fake venue's first bar such that bar `bars_before_now` is the one forming now, on
+    the real clock, for tests of a feed that computes its history window from the clock.
+    Within `margin_s` of a bar's end it first waits for the next bar: a process starting
+    across the boundary would ask for one bar later than the test laid out (a history of
+    49 bars instead of 50, seen once in CI)."""
+    left_s = (BAR_MS - int(time.time() * 1000) % BAR_MS) / 1000
+    if left_s < margin_s:
+        await asyncio.sleep(left_s + 0.2)
+    return (int(time.time() * 1000) // BAR_MS - bars_before_now) * BAR_MS
 
 
 def listed_orders(
