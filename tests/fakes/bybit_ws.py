@@ -33,8 +33,6 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 BAR_MS = 60_000
 T0_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
-
-
 MARKET_ID = "BTCUSDT"
 TOPIC = f"kline.1.{MARKET_ID}"
 #: Bybit's instruments-info row for the BTCUSDT linear perpetual, as the real API answers it;
