@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, DataError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from hean.core.resp import RespConnection, pack
+from hean.core.resp import RespConnection, pack, xread_reply, xreadgroup_args
 from tests.conftest import RedisServer
 
 
@@ -70,12 +71,25 @@ async def test_send_nowait_writes_at_once_and_each_write_gets_its_own_replies(
         await refused.wait()
 
 
+async def xreadgroup(
+    conn: RespConnection,
+    group: str,
+    consumer: str,
+    streams: dict[str, str],
+    count: int | None = None,
+    block: int | None = None,
+) -> Any:
+    """XREADGROUP as the bus sends it, its reply shaped as redis-py's."""
+    args = xreadgroup_args(group, consumer, streams, count=count, block=block)
+    return xread_reply(await conn.command(*args))
+
+
 async def test_xreadgroup_answers_like_redis_py(
     conn: RespConnection, redis_client: aioredis.Redis
 ) -> None:
     await redis_client.xgroup_create("st", "g", id="0", mkstream=True)
     ids = [await redis_client.xadd("st", {"event": f"e{i}", "n": i}) for i in range(3)]
-    ours = await conn.xreadgroup("g", "c", {"st": ">"}, count=2)
+    ours = await xreadgroup(conn, "g", "c", {"st": ">"}, count=2)
     theirs = await redis_client.xreadgroup("g", "c2", {"st": ">"}, count=5)
     assert ours == [
         [
@@ -86,12 +100,12 @@ async def test_xreadgroup_answers_like_redis_py(
     assert theirs == [[b"st", [(ids[2], {b"event": b"e2", b"n": b"2"})]]]
     # An entry deleted while pending comes back without fields.
     await redis_client.xdel("st", ids[0])
-    pending = await conn.xreadgroup("g", "c", {"st": "0"}, count=10)
+    pending = await xreadgroup(conn, "g", "c", {"st": "0"}, count=10)
     assert pending == [[b"st", [(ids[0], None), (ids[1], {b"event": b"e1", b"n": b"1"})]]]
     # BLOCK running out: None, as redis-py.
-    assert await conn.xreadgroup("g", "c", {"st": ">"}, count=1, block=50) is None
+    assert await xreadgroup(conn, "g", "c", {"st": ">"}, count=1, block=50) is None
     with pytest.raises(ResponseError, match="NOGROUP"):
-        await conn.xreadgroup("missing", "c", {"st": ">"}, count=1)
+        await xreadgroup(conn, "missing", "c", {"st": ">"}, count=1)
 
 
 async def test_a_lost_connection_fails_the_waiting_read_and_the_next_command_reconnects(
@@ -100,7 +114,7 @@ async def test_a_lost_connection_fails_the_waiting_read_and_the_next_command_rec
     await redis_client.xgroup_create("st", "g", id="$", mkstream=True)
     conn = RespConnection(redis_url, name="resp-test")
     try:
-        read = asyncio.create_task(conn.xreadgroup("g", "c", {"st": ">"}, block=10_000))
+        read = asyncio.create_task(xreadgroup(conn, "g", "c", {"st": ">"}, block=10_000))
         await asyncio.sleep(0.2)
         killed = await redis_client.execute_command(
             "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
@@ -123,7 +137,7 @@ async def test_an_abandoned_reply_closes_the_connection_so_no_caller_gets_anothe
     await redis_client.xgroup_create("st", "g", id="$", mkstream=True)
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.1):
-            await conn.xreadgroup("g", "c", {"st": ">"}, block=2_000)
+            await xreadgroup(conn, "g", "c", {"st": ">"}, block=2_000)
     await redis_client.xadd("st", {"event": "late"})
     # Had the connection been kept, this GET would be handed the read's late reply.
     await redis_client.set("k", "v")

@@ -236,18 +236,6 @@ class RespConnection:
     async def command(self, *args: Any) -> Any:
         return (await self.execute([args]))[0]
 
-    async def xreadgroup(
-        self,
-        groupname: str,
-        consumername: str,
-        streams: dict[Any, Any],
-        count: int | None = None,
-        block: int | None = None,
-    ) -> list[list[Any]] | None:
-        """XREADGROUP, its reply shaped as redis-py's (see `xread_reply`)."""
-        args = xreadgroup_args(groupname, consumername, streams, count=count, block=block)
-        return xread_reply(await self.command(*args))
-
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
