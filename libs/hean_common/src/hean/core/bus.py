@@ -1782,7 +1782,9 @@ class RedisStreamsTransport(Transport):
                 present = [(i, f) for i, f in entries_reply(claimed) if f]
                 returned = {as_str(i) for i, _ in present}
                 deleted = [i for i in ids if i not in returned]
-                await self._take_over(stream, present, deleted)
+                # The counts XPENDING just gave, plus the delivery XCLAIM counted.
+                counts = {as_str(r[0]): int(r[3]) + 1 for r in rows}
+                await self._take_over(stream, present, deleted, counts)
             if len(rows) < page:
                 return
 
@@ -1794,9 +1796,16 @@ class RedisStreamsTransport(Transport):
         ids.update(i for key, i, _ in self._superseded if key == stream)  # to be acked
         return ids
 
-    async def _take_over(self, stream: str, claimed: list[Any], deleted: list[Any]) -> None:
+    async def _take_over(
+        self,
+        stream: str,
+        claimed: list[Any],
+        deleted: list[Any],
+        counts: dict[str, int] | None = None,
+    ) -> None:
         """Dispatch entries taken over from the group's pending list (with their delivery
-        counts; dead-lettered past `max_deliveries`); ack those trimmed meanwhile."""
+        counts, read from Redis unless given; dead-lettered past `max_deliveries`); ack
+        those trimmed meanwhile."""
         if deleted:
             # Trimmed or deleted while pending (Redis >= 7): nothing left to handle.
             self.deleted_pending_count += len(deleted)
@@ -1813,7 +1822,8 @@ class RedisStreamsTransport(Transport):
         ]
         if not fresh:
             return
-        counts = await self._delivery_counts(stream, [i for i, _ in fresh])
+        if counts is None:
+            counts = await self._delivery_counts(stream, [i for i, _ in fresh])
         self.reclaimed_count += len(fresh)
         if self.metrics is not None:
             self.metrics.reclaimed.inc(len(fresh))
