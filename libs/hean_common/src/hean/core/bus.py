@@ -1319,8 +1319,8 @@ class RedisStreamsTransport(Transport):
                 continue
             try:
                 event = decode_entry(stream, fields)
-            except InvalidEventError:
-                await self._accept(stream, entry_id, fields, deliveries=1)  # dead-letters it
+            except InvalidEventError as exc:
+                await self._dead_letter_malformed(stream, entry_id, fields, 1, exc)
                 continue
             newest[key if key is not None else partition_key(event)] = (entry_id, fields, event)
         handed: list[tuple[str, Any, Event]] = []
@@ -1345,10 +1345,7 @@ class RedisStreamsTransport(Transport):
             try:
                 decode_entry(stream, fields)
             except InvalidEventError as exc:
-                raw = (fields or {}).get(EVENT_FIELD) or repr(fields).encode()
-                await self._dead_letter(
-                    stream, entry_id, raw[:MAX_DEAD_PAYLOAD_BYTES], 1, f"malformed: {exc}"
-                )
+                await self._dead_letter_malformed(stream, entry_id, fields, 1, exc)
                 continue
             self._queue_ack(stream, entry_id)
             counts[stream] = counts.get(stream, 0) + 1
@@ -1381,8 +1378,7 @@ class RedisStreamsTransport(Transport):
             if event is None:
                 event = decode_entry(stream, fields)
         except InvalidEventError as exc:
-            payload = (raw or repr(fields).encode())[:MAX_DEAD_PAYLOAD_BYTES]
-            await self._dead_letter(stream, entry_id, payload, deliveries, f"malformed: {exc}")
+            await self._dead_letter_malformed(stream, entry_id, fields, deliveries, exc)
             return
         if not self.dispatcher.has(event.event_type):
             self._queue_ack(stream, entry_id)
@@ -1499,6 +1495,21 @@ class RedisStreamsTransport(Transport):
         delivery.deliveries += 1
         self._in_flight.add((delivery.stream, delivery.entry_id))
         self._workers.put(delivery)
+
+    async def _dead_letter_malformed(
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[bytes, bytes] | None,
+        deliveries: int,
+        error: InvalidEventError,
+    ) -> None:
+        """Dead-letter an entry that is not a valid event, its raw payload (or its fields,
+        without an event field) cut to `MAX_DEAD_PAYLOAD_BYTES`."""
+        raw = (fields or {}).get(EVENT_FIELD) or repr(fields).encode()
+        await self._dead_letter(
+            stream, entry_id, raw[:MAX_DEAD_PAYLOAD_BYTES], deliveries, f"malformed: {error}"
+        )
 
     async def _dead_letter(
         self,
