@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 
 from hean.core.bus import EventBus, worker_lane
 from hean.core.candles import Candle, bundled_data_path, load_candles
-from hean.core.errors import QueueFullError
 from hean.core.event_streams import stream_key
 from hean.core.features import FEATURE_VERSION, WARMUP_BARS, compute_feature_rows
 from hean.core.service import ServiceContext
@@ -104,46 +103,68 @@ def test_features_settings_bad_batch_size_names_variable(monkeypatch: pytest.Mon
         load_settings(FeaturesSettings)
 
 
-async def test_features_refused_batches_roll_back_and_are_delivered_again_in_order(
+def _refusing_settings(url: str) -> FeaturesSettings:
+    # The claim idle time stays at its default (30 s): what brings refused rows back is
+    # the service sending them again, not the bus redelivering their candles.
+    return FeaturesSettings(
+        REDIS_URL=url, SERVICE_NAME="features", FEATURE_BATCH_TIMEOUT=20, **FAST
+    )
+
+
+ROWS_KEY = "hean:events:FEATURES_READY"
+
+
+async def _refuse_rows(client: aioredis.Redis) -> None:
+    """Make Redis refuse every FEATURES_READY write (the stream's key holds a string, so
+    XADD gets WRONGTYPE), keeping the rows written so far aside."""
+    await client.rename(ROWS_KEY, "hean:test:rows")
+    await client.set(ROWS_KEY, "not a stream")
+
+
+async def _take_rows_again(client: aioredis.Redis) -> None:
+    await client.delete(ROWS_KEY)
+    await client.rename("hean:test:rows", ROWS_KEY)
+
+
+async def _assert_rows_are_the_batch_ones(url: str, candles: tuple[Candle, ...]) -> None:
+    got = await read(url, EventType.FEATURES_READY)
+    want = list(compute_feature_rows(candles))
+    assert [e.data["timestamp"] for e in got] == [c.timestamp_ns for c, _ in want]
+    for event, (_, row) in zip(got, want, strict=True):
+        assert event.data["features"] == pytest.approx(row, rel=1e-9, abs=1e-12)
+
+
+async def test_features_refused_rows_are_held_in_order_until_redis_takes_them(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    """Redis refusing the FEATURES_READY writes (here: the stream's key holds a string, so
-    XADD gets WRONGTYPE) leaves the candles unacked and the component degraded; once Redis
-    takes writes again the candles come back and the rows are exactly the batch ones."""
+    """Redis refusing the FEATURES_READY writes leaves the candles unacked and the
+    component degraded, naming the error; the rows of later candles wait behind the
+    refused one. Once Redis takes writes again, every row goes out, in order, and they
+    are exactly the batch ones."""
     btc = load_candles(bundled_data_path(), "BTC/USDT").candles[: WARMUP_BARS + 30]
     first = WARMUP_BARS + 10
-    settings = FeaturesSettings(
-        REDIS_URL=redis_url,
-        SERVICE_NAME="features",
-        FEATURE_BATCH_TIMEOUT=20,
-        EVENT_CLAIM_IDLE_MS=500,
-        EVENT_CLAIM_INTERVAL_MS=200,
-        **FAST,
-    )
-    key = "hean:events:FEATURES_READY"
-    async with running("features", build, settings) as ctx:
+    async with running("features", build, _refusing_settings(redis_url)) as ctx:
         await publish(redis_url, _events(btc[:first]))
         await eventually(
             lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
         )
         saved = await redis_client.hgetall(STATE_KEY)
-        await redis_client.rename(key, "hean:test:rows")
-        await redis_client.set(key, "not a stream")
+        await _refuse_rows(redis_client)
         for event in _events(btc[first:]):  # plain XADDs: a bus would trip over the key
             await redis_client.xadd(stream_key(EventType.CANDLE), {"event": event.to_json()})
 
-        async def refused() -> bool:
+        async def held() -> bool:
             health = _component(ctx)
             pending: Any = await redis_client.xpending(stream_key(EventType.CANDLE), "features")
-            return bool(health["state"] == "degraded" and pending["pending"] > 0)
+            return bool(health["state"] == "degraded" and pending["pending"] == 20)
 
-        await eventually(refused, timeout=20, message="refused batches seen")
+        await eventually(held, timeout=20, message="all 20 rows held")
         health = _component(ctx)
         assert "WRONGTYPE" in str(health["error_message"])
+        assert "20 rows held" in str(health["error_message"])
         # The engine state rides in the same script as the refused XADD: not saved either.
         assert await redis_client.hgetall(STATE_KEY) == saved
-        await redis_client.delete(key)
-        await redis_client.rename("hean:test:rows", key)
+        await _take_rows_again(redis_client)
         await eventually(
             lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=30, message="drain"
         )
@@ -152,22 +173,60 @@ async def test_features_refused_batches_roll_back_and_are_delivered_again_in_ord
             return bool(_component(ctx)["state"] == "healthy")
 
         await eventually(healthy, timeout=10, message="healthy again")
+        assert await redis_client.hgetall(STATE_KEY) != saved
 
-    got = await read(redis_url, EventType.FEATURES_READY)
-    want = list(compute_feature_rows(btc))
-    assert [e.data["timestamp"] for e in got] == [c.timestamp_ns for c, _ in want]
-    for event, (_, row) in zip(got, want, strict=True):
-        assert event.data["features"] == pytest.approx(row, rel=1e-9, abs=1e-12)
+    await _assert_rows_are_the_batch_ones(redis_url, btc)
 
 
-async def test_features_batch_refused_by_a_full_outbox_rolls_back_every_symbol_in_it(
+async def test_features_brief_refusal_loses_no_row_of_the_candles_after_it(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """Redis refuses one candle's row and takes writes again a moment later, while the next
+    candles are arriving. The refused row goes out first and the later ones follow it,
+    computed from the engine that saw it: no row is lost or out of order. (Before, the
+    refused candle waited for the bus to redeliver it, 30 s later; the candles after it
+    were computed without it and published first, and its redelivery was then ignored as
+    stale: its row was never published.)"""
+    btc = load_candles(bundled_data_path(), "BTC/USDT").candles[: WARMUP_BARS + 30]
+    first = WARMUP_BARS + 10
+    async with running("features", build, _refusing_settings(redis_url)) as ctx:
+        await publish(redis_url, _events(btc[:first]))
+        await eventually(
+            lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
+        )
+        await _refuse_rows(redis_client)
+        await redis_client.xadd(
+            stream_key(EventType.CANDLE), {"event": _events(btc[first : first + 1])[0].to_json()}
+        )
+
+        async def refused() -> bool:
+            return "WRONGTYPE" in str(_component(ctx).get("error_message"))
+
+        await eventually(refused, timeout=10, message="the row refused")
+        await _take_rows_again(redis_client)
+        for event in _events(btc[first + 1 :]):
+            await redis_client.xadd(stream_key(EventType.CANDLE), {"event": event.to_json()})
+        await eventually(
+            lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
+        )
+
+        async def healthy() -> bool:
+            return bool(_component(ctx)["state"] == "healthy")
+
+        await eventually(healthy, timeout=10, message="healthy again")
+
+    await _assert_rows_are_the_batch_ones(redis_url, btc)
+
+
+async def test_features_batch_the_full_outbox_cannot_take_goes_again_once_redis_is_back(
     redis_factory: Callable[..., RedisServer],
 ) -> None:
-    """Redis down and the outbox full: a batch of two symbols cannot be queued. Both
-    rows' futures fail (their candles stay unacked) and both engines go back to their
-    saved state, not only the one whose handler closed the batch."""
+    """Redis down and the outbox full: a batch of two symbols cannot be queued whole. No
+    row fails and no engine goes back: the batch is sent again once Redis answers, and
+    both rows resolve when it is written (the one the outbox took goes out twice, which
+    consumers drop as a repeat)."""
     server = redis_factory()
-    settings = CoreSettings(REDIS_URL=server.url, SERVICE_NAME="features", EVENT_MAX_QUEUE_SIZE=1)
+    settings = CoreSettings(REDIS_URL=server.url, SERVICE_NAME="features", EVENT_MAX_QUEUE_SIZE=2)
     bus = EventBus.redis(settings)
     await bus.start()
     client = aioredis.Redis.from_url(server.url)
@@ -203,16 +262,21 @@ async def test_features_batch_refused_by_a_full_outbox_rolls_back_every_symbol_i
         await asyncio.wait_for(add(first, WARMUP_BARS), 10)
         # Both symbols active now: the second's row waits for the first's next one.
         waiting = add(second, WARMUP_BARS)
-        server.stop()  # nothing leaves the outbox from here on; it holds one event
+        server.stop()  # nothing leaves the outbox from here on; it holds two events
+        bus.publish_nowait(_events(base[:1])[0])  # another event takes one place
         closing = add(first, WARMUP_BARS + 1)
-        results = await asyncio.wait_for(
-            asyncio.gather(waiting, closing, return_exceptions=True), 10
-        )
-        assert all(isinstance(r, QueueFullError) for r in results), results
-        assert "Queue is full" in str(service.last_error)
-        # Both back to what Redis holds: the first after its saved row, the second empty.
-        assert service.core.engines[first].bars_seen == WARMUP_BARS + 1
-        assert service.core.engines[second].bars_seen == 0
+        await asyncio.sleep(0.5)
+        assert not waiting.done() and not closing.done()
+        assert service.core.engines[first].bars_seen == WARMUP_BARS + 2  # not rolled back
+        assert service.core.engines[second].bars_seen == WARMUP_BARS + 1
+        server.start()  # an empty Redis on the same port (no persistence)
+        await asyncio.wait_for(asyncio.gather(waiting, closing), 20)
+        assert service.refused_batches >= 1 and service.last_error is None
+        rows = await client.xrange(ROWS_KEY)
+        symbols = [Event.from_json(fields[b"event"]).data["symbol"] for _, fields in rows]
+        assert symbols == [second, second, first]
+        state = await client.hgetall(STATE_KEY)
+        assert set(state) == {first.encode(), second.encode()}
     finally:
         await bus.stop(drain_timeout=0.5)
         await client.aclose()

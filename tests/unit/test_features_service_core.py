@@ -112,13 +112,18 @@ def _event(symbol: str) -> Event:
     return Event(event_type=EventType.FEATURES_READY, data={"symbol": symbol, "features": {}})
 
 
+def _written() -> asyncio.Future[str]:
+    future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    future.set_result("1-0")
+    return future
+
+
 def _recorder(sent: list[list[str]]) -> SendBatch:
     """A batch send that records the symbols and reports the batch written at once."""
 
-    def send(items: list[Item]) -> None:
+    def send(items: list[Item]) -> list[asyncio.Future[str]]:
         sent.append([i.symbol for i in items])
-        for item in items:
-            item.done.set_result(None)
+        return [_written() for _ in items]
 
     return send
 
@@ -156,15 +161,98 @@ async def test_batcher_quiet_symbol_flushed_by_timeout() -> None:
     assert sent[-1] == ["A"]
 
 
-async def test_batcher_send_error_reaches_every_item_of_the_batch() -> None:
-    def send(items: list[Item]) -> None:
-        raise QueueFullError("the Redis outbox", 1)
+async def test_batcher_refused_batch_goes_again_ahead_of_later_rows() -> None:
+    """A batch Redis refuses (or the outbox cannot take) is sent again, whole, after a
+    backoff; the rows added meanwhile wait behind it, and nothing resolves before its
+    batch is written: rows reach Redis in the order they were added."""
+    sent: list[list[str]] = []
+    answers: list[BaseException | None] = [QueueFullError("the Redis outbox", 1)]
+    refused: list[tuple[int, str]] = []
 
-    batcher = EventBatcher(send, size=2, timeout_s=0.05)
+    def send(items: list[Item]) -> list[asyncio.Future[str]]:
+        sent.append([str(i.event.correlation_id) for i in items])
+        futures = [_written() for _ in items]
+        if answers:
+            error = answers.pop(0)
+            if error is not None:
+                failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+                failed.set_exception(error)
+                futures[-1] = failed
+        return futures
+
+    def row(n: int) -> Event:
+        return Event(
+            event_type=EventType.FEATURES_READY,
+            data={"symbol": "A", "features": {}},
+            correlation_id=str(n),
+        )
+
+    batcher = EventBatcher(
+        send,
+        size=10,
+        timeout_s=60.0,
+        on_refused=lambda items, error, attempt, delay: refused.append((attempt, str(error))),
+        retry_initial_s=0.05,
+    )
+    answers.append(ValueError("OOM command not allowed"))  # the second try is refused too
+    first = batcher.add(row(1), "A", {})
+    assert sent == [["1"]] and refused[0][0] == 1 and "Queue is full" in refused[0][1]
+    later = [batcher.add(row(n), "A", {}) for n in (2, 3)]
+    assert sent == [["1"]]  # held behind the refused batch
+    assert batcher.waiting == 3
+    await asyncio.wait_for(asyncio.gather(first, *later), 5.0)
+    # Tried again alone, refused, then with the rows added meanwhile behind it.
+    assert sent == [["1"], ["1", "2", "3"], ["1", "2", "3"]]
+    assert [attempt for attempt, _ in refused] == [1, 2]
+    assert batcher.refusals == 0 and batcher.waiting == 0
+
+
+async def test_batcher_holds_rows_while_a_batch_is_in_flight() -> None:
+    """One batch at a time: rows added while one is being written gather into the next,
+    sent as soon as Redis answers for the first."""
+    sent: list[list[str]] = []
+    pending: list[asyncio.Future[str]] = []
+
+    def send(items: list[Item]) -> list[asyncio.Future[str]]:
+        sent.append([i.symbol for i in items])
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        pending.append(future)
+        return [future]
+
+    batcher = EventBatcher(send, size=10, timeout_s=60.0)
     first = batcher.add(_event("A"), "A", {})
-    second = batcher.add(_event("B"), "B", {})
-    results = await asyncio.gather(first, second, return_exceptions=True)
-    assert all(isinstance(r, QueueFullError) for r in results)
+    second = batcher.add(_event("A"), "A", {})
+    third = batcher.add(_event("A"), "A", {})
+    assert sent == [["A"]] and not first.done()
+    pending[0].set_result("1-0")
+    await asyncio.sleep(0)
+    assert first.done() and not second.done()
+    assert sent == [["A"], ["A", "A"]]
+    pending[1].set_result("2-0")
+    await asyncio.wait_for(asyncio.gather(second, third), 1.0)
+
+
+async def test_batcher_stop_fails_the_rows_not_yet_sent() -> None:
+    """Stopping fails what waits (its events are not acked and come again) and sends
+    nothing more; the batch in flight still resolves with its answer."""
+    sent: list[list[str]] = []
+    pending: list[asyncio.Future[str]] = []
+
+    def send(items: list[Item]) -> list[asyncio.Future[str]]:
+        sent.append([i.symbol for i in items])
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        pending.append(future)
+        return [future]
+
+    batcher = EventBatcher(send, size=10, timeout_s=60.0)
+    flying = batcher.add(_event("A"), "A", {})
+    waiting = batcher.add(_event("A"), "A", {})
+    batcher.stop()
+    with pytest.raises(RuntimeError, match="stopped before its batch was written"):
+        await waiting
+    pending[0].set_result("1-0")
+    await asyncio.wait_for(flying, 1.0)
+    assert sent == [["A"]]
 
 
 async def test_batcher_symbols_sharing_a_bus_lane_do_not_wait_for_each_other() -> None:
