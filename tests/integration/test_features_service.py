@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError
 
 from hean.core.bus import EventBus, worker_lane
 from hean.core.candles import Candle, bundled_data_path, load_candles
@@ -272,11 +273,76 @@ async def test_features_batch_the_full_outbox_cannot_take_goes_again_once_redis_
         server.start()  # an empty Redis on the same port (no persistence)
         await asyncio.wait_for(asyncio.gather(waiting, closing), 20)
         assert service.refused_batches >= 1 and service.last_error is None
-        rows = await client.xrange(ROWS_KEY)
-        symbols = [Event.from_json(fields[b"event"]).data["symbol"] for _, fields in rows]
-        assert symbols == [second, second, first]
+        rows = await read(server.url, EventType.FEATURES_READY)
+        assert [e.data["symbol"] for e in rows] == [second, second, first]
         state = await client.hgetall(STATE_KEY)
         assert set(state) == {first.encode(), second.encode()}
     finally:
         await bus.stop(drain_timeout=0.5)
+        await client.aclose()
+
+
+async def test_features_rows_complete_and_in_order_while_redis_refuses_writes_by_turns(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """Redis with `noeviction` going over and under its `maxmemory` every few milliseconds
+    (as when other keys expire near the limit; here the limit itself is switched between
+    1 byte and none): writes fail and succeed by turns while candles arrive. Every row
+    reaches Redis, in candle order once repeats are dropped (Redis taking part of a batch
+    and refusing the rest writes that part again), and the rows are exactly the batch
+    ones."""
+    server = redis_factory()
+    url = server.url
+    btc = load_candles(bundled_data_path(), "BTC/USDT").candles[: WARMUP_BARS + 150]
+    client = aioredis.Redis.from_url(url)
+    churning = True
+    swings = 0
+
+    async def churn() -> None:
+        nonlocal swings
+        while churning:
+            await client.config_set("maxmemory", 1)
+            await asyncio.sleep(0.004)
+            await client.config_set("maxmemory", 0)
+            swings += 1
+            await asyncio.sleep(0.004)
+
+    async def add(event: Event) -> None:  # the test's own writes are refused too: retry
+        while True:
+            try:
+                await client.xadd(stream_key(EventType.CANDLE), {"event": event.to_json()})
+                return
+            except OutOfMemoryError:
+                await asyncio.sleep(0.002)
+
+    try:
+        async with running("features", build, _refusing_settings(url)) as ctx:
+            await client.config_set("maxmemory-policy", "noeviction")
+            task = asyncio.create_task(churn())
+            try:
+                for event in _events(btc):
+                    await add(event)
+                    await asyncio.sleep(0.003)
+            finally:
+                churning = False
+                await task
+            await eventually(
+                lambda: drained(ctx.redis, EventType.CANDLE, "features"),
+                timeout=30,
+                message="drain",
+            )
+            registry = ctx.metrics.registry
+            refused = registry.get_sample_value("hean_features_batches_refused_total")
+        assert swings > 50
+        assert refused is not None and refused > 0  # the refusals did reach features
+        got = await read(url, EventType.FEATURES_READY)
+        first_seen: dict[int, Event] = {}
+        for event in got:
+            first_seen.setdefault(event.data["timestamp"], event)
+        want = {c.timestamp_ns: row for c, row in compute_feature_rows(btc)}
+        assert list(first_seen) == list(want)
+        for event in got:  # repeats included: the same numbers
+            expected = want[event.data["timestamp"]]
+            assert event.data["features"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    finally:
         await client.aclose()
