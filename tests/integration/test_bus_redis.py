@@ -1137,3 +1137,101 @@ async def test_bus_after_a_lost_connection_first_handles_what_redis_handed_it_un
 
     await eventually(all_three, timeout=10)
     assert seen == [1, 2, 3]
+
+
+async def test_bus_events_redis_refuses_for_now_are_kept_in_order_and_sent_again(
+    redis_factory: Callable[..., RedisServer], buses: list[EventBus]
+) -> None:
+    """Redis out of memory under `noeviction` refuses writes for now: the events are not
+    dropped (as a WRONGTYPE one is) but kept in order, `flush` waits for them, and the bus
+    is degraded, saying why. Once Redis takes writes they go out, in order."""
+    server = redis_factory()
+    client = aioredis.Redis.from_url(server.url)
+    publisher = await started(make_bus(server.url, "market-data"), buses)
+    try:
+        await publisher.publish(tick(1))
+        await publisher.flush(5)
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", 1)
+        for i in (2, 3, 4):
+            await publisher.publish(tick(i))
+        with pytest.raises(TimeoutError):
+            await publisher.flush(1.0)  # refused, and kept
+        health = publisher.health()
+        assert health.state == BusState.DEGRADED
+        assert "refuses writes for now, 3 events kept in order" in str(health.error_message)
+        assert "maxmemory" in str(health.error_message)
+        assert await client.xlen(TICKS) == 1
+        await client.config_set("maxmemory", 0)
+        await publisher.flush(10)
+        assert publisher.health().state == BusState.HEALTHY
+        async with RedisEventStream(server.url) as stream:
+            seqs = [e.data["seq"] async for e in stream.replay_events(EventType.TICK)]
+        assert seqs == [1, 2, 3, 4]
+    finally:
+        await client.config_set("maxmemory", 0)
+        await client.aclose()
+
+
+async def test_bus_handler_writes_redis_refuses_for_now_wait_and_the_input_stays_pending(
+    redis_factory: Callable[..., RedisServer], buses: list[EventBus]
+) -> None:
+    """Redis refuses writes for now while handlers run: a handler's output and the write
+    it sends with its ack (`write_on_ack`) wait; the input stays pending (not delivered
+    again, not dead-lettered, however long it lasts) and is acked once they are in."""
+    server = redis_factory()
+    client = aioredis.Redis.from_url(server.url)
+    strategy = make_bus(server.url, "strategy", claim_idle_ms=300, max_deliveries=2)
+    gate = asyncio.Event()
+    handled: list[int] = []
+
+    async def on_tick(event: Event) -> None:
+        seq = event.data["seq"]
+        handled.append(seq)
+        if seq == 2:
+            await gate.wait()  # handled while Redis refuses writes
+        else:  # tick 2 only writes its state, with its ack
+            await strategy.publish(
+                Event(event_type=EventType.SIGNAL, data={"symbol": "BTC/USDT", "side": "BUY"})
+            )
+        strategy.write_on_ack("HSET", "hean:test:state", "last", seq)
+
+    strategy.subscribe(EventType.TICK, on_tick)
+    await started(strategy, buses)
+    publisher = await started(make_bus(server.url, "market-data"), buses)
+
+    async def state() -> Any:
+        return await client.hget("hean:test:state", "last")
+
+    async def pending() -> int:
+        info: Any = await client.xpending(TICKS, "strategy")
+        return int(info["pending"])
+
+    try:
+        for i in (1, 2, 3):
+            await publisher.publish(tick(i))
+        await publisher.flush(5)
+        await eventually(lambda: handled == [1, 2], timeout=10)
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", 1)
+        gate.set()
+        await asyncio.sleep(1.5)  # past claim_idle_ms and max_deliveries' retries
+        assert handled == [1, 2, 3]  # nothing delivered again
+        assert await client.xlen(stream_key(EventType.SIGNAL)) == 1
+        assert await state() == b"1"
+        assert await pending() == 2
+        assert await client.xlen(DLQ_STREAM) == 0
+        assert strategy.health().state == BusState.DEGRADED
+        assert "refuses writes for now" in str(strategy.health().error_message)
+        await client.config_set("maxmemory", 0)
+
+        async def written() -> bool:
+            return await state() == b"3" and await pending() == 0
+
+        await eventually(written, timeout=10)
+        assert await client.xlen(stream_key(EventType.SIGNAL)) == 2
+        assert handled == [1, 2, 3]
+        await eventually(lambda: strategy.health().state == BusState.HEALTHY, timeout=10)
+    finally:
+        await client.config_set("maxmemory", 0)
+        await client.aclose()

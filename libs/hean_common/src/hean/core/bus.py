@@ -52,7 +52,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hean.core.errors import PermanentError, QueueFullError
@@ -89,6 +89,18 @@ Handler = Callable[[Event], Awaitable[None] | None]
 Commands = Sequence[Sequence[Any]]
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+#: Error codes of a Redis that cannot take writes for now, beside redis-py's classes below.
+_PAUSED_CODES = frozenset({"BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN"})
+
+
+def refused_for_now(error: BaseException) -> bool:
+    """Whether Redis refused a write only for now: out of memory under `noeviction`, a
+    replica (READONLY), a script running too long (BUSY), ... Such a write is kept and sent
+    again, in its place, as over a lost connection; other refusals (WRONGTYPE, NOPERM, a
+    script error) cannot succeed by waiting and go to the publisher."""
+    if isinstance(error, OutOfMemoryError | ReadOnlyError | TryAgainError):
+        return True
+    return isinstance(error, ResponseError) and str(error).split(" ", 1)[0] in _PAUSED_CODES
 
 
 class BusState(StrEnum):
@@ -595,6 +607,8 @@ class _Outgoing:
     future: asyncio.Future[str] | None
     #: Redis commands sent right after the XADD, in the same pipeline (EventBus.publish).
     then: tuple[tuple[Any, ...], ...] = ()
+    #: Its place among the events this bus has published (1, 2, ...).
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -649,10 +663,13 @@ class RedisBusConfig:
 
 @dataclass(slots=True)
 class _AckBatch:
-    """Acks taken for one pipeline: entry ids per stream, and the writes to send first."""
+    """Acks taken for one pipeline: entry ids per stream to XACK, and the handlers' writes
+    (`EventBus.write_on_ack`) with the entries they belong to (`after`), whose XACKs go in
+    a later pipeline, once Redis has taken the writes."""
 
     acks: dict[str, list[str]]
     commands: list[tuple[Any, ...]]
+    after: dict[str, list[str]]
 
     @property
     def commands_count(self) -> int:
@@ -748,7 +765,13 @@ class RedisStreamsTransport(Transport):
         self._conflated_reader: RespConnection | None = None
         self._outbox: deque[_Outgoing] = deque()
         self._published_seq = 0  # events accepted into the outbox so far
-        self._flushed_seq = 0  # of those, how many Redis has answered for
+        #: Every event up to this sequence number has been answered for by Redis.
+        self._flushed_seq = 0
+        #: Redis refuses writes for now (`refused_for_now`): the error, while it lasts.
+        self._refusing: str | None = None
+        #: Set while the flush loop waits before sending refused writes again: nothing
+        #: else writes the outbox meanwhile.
+        self._refusal_pause = False
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: Handled deliveries whose ack still waits for their outputs' writes.
         self._settling = 0
@@ -768,6 +791,8 @@ class RedisStreamsTransport(Transport):
         self._acks_sent = 0  # of those, how many Redis has answered for
         self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._ack_commands: list[tuple[Any, ...]] = []  # EventBus.write_on_ack, in order
+        #: Entries whose writes are in `_ack_commands`: acked once Redis has taken them.
+        self._acks_after: dict[str, list[str]] = {}
         self._conflate_lock = asyncio.Lock()
         #: Per conflated stream and key, the newest entry handed out (see _accept_conflated).
         self._conflated_last: dict[tuple[str, str], tuple[int, int]] = {}
@@ -980,6 +1005,7 @@ class RedisStreamsTransport(Transport):
                 None if maxlen is not None else PUBLISHED_KEY_PREFIX + event.event_id,
                 future,
                 tuple(tuple(command) for command in then),
+                self._published_seq + 1,
             )
         )
         self._published_seq += 1
@@ -1025,7 +1051,7 @@ class RedisStreamsTransport(Transport):
         A worker calls this as its handler returns, so the outputs leave in that same turn
         of the event loop instead of when the flush loop next runs (after the read loop has
         sent its next read): about 0.1 ms per hop at 1,000 ticks/s."""
-        if self._writing is not None:
+        if self._writing is not None or self._refusal_pause:
             return True
         conn = self._outbox_conn
         if not self._outbox or conn is None or not conn.connected or not self._topology_ready:
@@ -1043,6 +1069,7 @@ class RedisStreamsTransport(Transport):
 
     async def _flush_loop(self) -> None:
         backoff = Backoff(maximum=self.config.reconnect_max_s)
+        refusals = Backoff(maximum=self.config.reconnect_max_s)
         while True:
             if self._writing is None:
                 if not self._outbox:
@@ -1075,8 +1102,9 @@ class RedisStreamsTransport(Transport):
             self._writing = None
             backoff.reset()
             self._set_connected(True)
-            self._acks_done(acks, [next(replies) for _ in range(acks.commands_count)])
+            refused = self._acks_done(acks, [next(replies) for _ in range(acks.commands_count)])
             published: dict[str, int] = {}
+            kept: list[_Outgoing] = []
             for item in batch:
                 result = next(replies)
                 separate = item.then if item.marker is not None else ()
@@ -1084,7 +1112,10 @@ class RedisStreamsTransport(Transport):
                     r for r in (next(replies) for _ in separate) if isinstance(r, Exception)
                 ]
                 self._outbox.popleft()
-                self._flushed_seq += 1
+                if isinstance(result, Exception) and refused_for_now(result):
+                    kept.append(item)  # sent again, in its place (below)
+                    refused = refused or result
+                    continue
                 if then_errors and not isinstance(result, Exception):
                     # The event is in Redis, but what had to be written with it is not: a
                     # handler's input stays unacked, as if the event itself had failed.
@@ -1111,6 +1142,10 @@ class RedisStreamsTransport(Transport):
                     published[item.event_type] = published.get(item.event_type, 0) + 1
                 if item.future is not None and not item.future.done():
                     item.future.set_result("" if result is None else as_str(result))
+            self._outbox.extendleft(reversed(kept))
+            # The outbox stays in publishing order (kept events go back to its front), so
+            # everything before its first event is answered for.
+            self._flushed_seq = self._outbox[0].seq - 1 if self._outbox else self._published_seq
             self._flush_waiters = _wake(self._flush_waiters, self._flushed_seq)
             if not self._outbox and (any(self._acks.values()) or self._ack_commands):
                 self._ack_wakeup.set()  # acks queued meanwhile: no flush to carry them
@@ -1118,6 +1153,37 @@ class RedisStreamsTransport(Transport):
                 for etype, count in published.items():
                     self.metrics.events_published.labels(etype).inc(count)
                 self._report_sizes()
+            if refused is None:
+                self._refusal_over()
+                refusals.reset()
+                continue
+            # Redis cannot take writes for now: nothing is dropped or failed; the refused
+            # writes go again in their place after a pause, and nothing overtakes them.
+            delay = refusals.next_delay()
+            self._refusal_started(refused, len(kept), delay)
+            self._refusal_pause = True
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self._refusal_pause = False
+
+    def _refusal_started(self, error: BaseException, kept: int, delay: float) -> None:
+        first = self._refusing is None
+        self._refusing = f"{type(error).__name__}: {error}"
+        if first:
+            log.error(
+                "Redis refuses writes for now (%s): %d events and the acks with them are "
+                "kept in order and sent again (next try in %.2f s, backing off to %.0f s)",
+                self._refusing,
+                kept,
+                delay,
+                self.config.reconnect_max_s,
+            )
+
+    def _refusal_over(self) -> None:
+        if self._refusing is not None:
+            log.warning("Redis takes writes again (refused before: %s)", self._refusing)
+            self._refusing = None
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until everything published so far is in Redis and every ack is sent."""
@@ -1460,8 +1526,14 @@ class RedisStreamsTransport(Transport):
 
     def _finish(self, delivery: Delivery, *, ack: bool = True) -> None:
         if ack:
-            self._ack_commands.extend(delivery.ack_commands)  # sent ahead of the XACK
-            self._queue_ack(delivery.stream, delivery.entry_id)
+            if delivery.ack_commands:
+                # The writes first; the XACK once Redis has taken them (_acks_done).
+                self._ack_commands.extend(delivery.ack_commands)
+                self._acks_after.setdefault(delivery.stream, []).append(delivery.entry_id)
+                self._acks_queued += 1
+                self._ack_wakeup.set()
+            else:
+                self._queue_ack(delivery.stream, delivery.entry_id)
         self._in_flight.discard((delivery.stream, delivery.entry_id))
         if len(self._in_flight) < self.max_in_flight:
             self._capacity.set()
@@ -1560,6 +1632,7 @@ class RedisStreamsTransport(Transport):
 
     async def _ack_loop(self) -> None:
         backoff = Backoff(maximum=self.config.reconnect_max_s)
+        refusals = Backoff(maximum=self.config.reconnect_max_s)
         while True:
             if not (any(self._acks.values()) or self._ack_commands) or self._outbox:
                 # Nothing to ack, or events are about to be flushed: the acks go with them
@@ -1580,16 +1653,26 @@ class RedisStreamsTransport(Transport):
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
-            self._acks_done(batch, replies)
+            refused = self._acks_done(batch, replies)
+            if refused is None:
+                refusals.reset()
+                if not self._outbox:  # else the flush loop tells whether Redis takes them
+                    self._refusal_over()
+                continue
+            delay = refusals.next_delay()
+            self._refusal_started(refused, 0, delay)
+            await asyncio.sleep(delay)
 
     def _take_acks(self) -> _AckBatch:
-        batch = _AckBatch(self._acks, self._ack_commands)
-        self._acks, self._ack_commands = {}, []
+        batch = _AckBatch(self._acks, self._ack_commands, self._acks_after)
+        self._acks, self._ack_commands, self._acks_after = {}, [], {}
         return batch
 
     def _ack_commands_of(self, batch: _AckBatch) -> list[tuple[Any, ...]]:
-        """The handlers' writes (`write_on_ack`), then the XACKs: a connection lost in
-        between leaves the entry pending, and its redelivery finds the write done."""
+        """The handlers' writes (`write_on_ack`), then the XACKs of entries whose writes
+        Redis took in an earlier pipeline (or that have none). Not a write and its own
+        XACK in one pipeline: Redis takes an XACK even while it refuses writes for now
+        (out of memory), which would ack an entry whose write it refused."""
         commands = list(batch.commands)
         for stream, ids in batch.acks.items():
             if ids:
@@ -1602,13 +1685,25 @@ class RedisStreamsTransport(Transport):
         for stream, ids in batch.acks.items():
             self._acks.setdefault(stream, [])[:0] = ids
         self._ack_commands[:0] = batch.commands
+        for stream, ids in batch.after.items():
+            self._acks_after.setdefault(stream, [])[:0] = ids
 
-    def _acks_done(self, batch: _AckBatch, replies: list[Any]) -> None:
+    def _acks_done(self, batch: _AckBatch, replies: list[Any]) -> BaseException | None:
+        """Count the batch's XACKs as sent and queue those of the entries whose writes
+        Redis has now taken; or, if Redis refused any of it for now (`refused_for_now`),
+        put the whole batch back in front and return the error."""
         for reply in replies:
-            if isinstance(reply, Exception):  # not a lost connection: a resend cannot help
+            if isinstance(reply, Exception) and refused_for_now(reply):
+                self._requeue_acks(batch)
+                return reply
+        for reply in replies:
+            if isinstance(reply, Exception):  # a resend cannot help
                 log.error("Redis refused a command sent with acks: %s", reply)
+        for stream, ids in batch.after.items():
+            self._acks.setdefault(stream, []).extend(ids)
         self._acks_sent += sum(len(ids) for ids in batch.acks.values())
         self._ack_waiters = _wake(self._ack_waiters, self._acks_sent)
+        return None
 
     async def _claim_loop(self) -> None:
         interval = self.config.claim_interval_ms / 1000
@@ -1804,6 +1899,7 @@ class RedisStreamsTransport(Transport):
         be queued): not to be delivered again."""
         ids = {entry_id for key, entry_id in self._in_flight if key == stream}
         ids.update(self._acks.get(stream, ()))  # handled; the ack waits for Redis
+        ids.update(self._acks_after.get(stream, ()))  # handled; its writes wait for Redis
         ids.update(i for key, i, _ in self._superseded if key == stream)  # to be acked
         return ids
 
@@ -1945,6 +2041,11 @@ class RedisStreamsTransport(Transport):
             )
         elif not self._connected:
             state, message = BusState.DEGRADED, self._last_error or "Redis not connected"
+        elif self._refusing is not None:
+            state, message = (
+                BusState.DEGRADED,
+                f"Redis refuses writes for now, {outbox} events kept in order: {self._refusing}",
+            )
         else:
             state, message = BusState.HEALTHY, None
         return BusHealth(

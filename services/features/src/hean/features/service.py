@@ -19,10 +19,12 @@ once it holds a row of every symbol seen lately (see `EventBatcher`).
 FEATURE_BATCH_TIMEOUT=0 sends each row as soon as the batch before it is written.
 
 While Redis is unreachable batches wait in the bus's outbox and their candles stay
-unacked. If Redis refuses a batch (not a lost connection: out of memory, say), the batch
-is sent again, with backoff, until Redis takes it, and the rows computed after it wait
-behind it: rows reach Redis in candle order and none is skipped (`EventBatcher`). The
-component is degraded meanwhile, naming the error and the rows held.
+unacked; so do they while Redis refuses writes for now (out of memory: the bus keeps
+them, ADR 0002). If Redis refuses a batch otherwise (a key of the wrong type, say) or the
+outbox cannot take it, the batch is sent again, with backoff, until Redis takes it, and
+the rows computed after it wait behind it: rows reach Redis in candle order and none is
+skipped (`EventBatcher`). The component is degraded meanwhile, naming the error and the
+rows held.
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ class EventBatcher:
     for more would only add the timeout to every row. While a batch is in flight the next
     rows gather, so under load batches grow towards `size` instead of queueing.
 
-    A batch Redis refuses (any of its writes fails: out of memory, say, or the outbox is
-    full) goes again, whole and ahead of everything added since, after a backoff
+    A batch Redis refuses (any of its writes fails: a key of the wrong type, say, or the
+    outbox is full) goes again, whole and ahead of everything added since, after a backoff
     (`retry_initial_s` doubling to `retry_max_s`), until Redis takes it; only then do its
     items resolve. So rows reach Redis in the order they were computed and none is
     skipped, whether Redis refuses for a millisecond or an hour. A refusal within one
