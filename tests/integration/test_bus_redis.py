@@ -1235,3 +1235,41 @@ async def test_bus_handler_writes_redis_refuses_for_now_wait_and_the_input_stays
     finally:
         await client.config_set("maxmemory", 0)
         await client.aclose()
+
+
+async def test_bus_writes_on_ack_of_one_key_land_in_the_order_they_were_made(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    """Tick 1's handler publishes (its ack waits for the write) and saves its state with
+    its ack; tick 2's publishes nothing and saves its state, so it is acked first. Its
+    state write must still land after tick 1's, or Redis would keep the older state of a
+    symbol whose newer input is acked (a restart would resume from it)."""
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
+    for i in (1, 2):
+        await publisher.publish(tick(i))
+    await publisher.flush(5)
+    strategy = make_bus(redis_url, "strategy")
+    handled: list[int] = []
+
+    async def on_tick(event: Event) -> None:
+        seq = event.data["seq"]
+        handled.append(seq)
+        if seq == 1:
+            # Redis holds writes for 0.3 s: tick 1's output waits for its reply while
+            # tick 2 (read with it) is handled and settles.
+            await redis_client.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+            await strategy.publish(
+                Event(event_type=EventType.SIGNAL, data={"symbol": "BTC/USDT", "side": "BUY"})
+            )
+        strategy.write_on_ack("HSET", "hean:test:state", "BTC/USDT", seq)
+
+    strategy.subscribe(EventType.TICK, on_tick)
+    await started(strategy, buses)
+
+    async def both_acked() -> bool:
+        pending: Any = await redis_client.xpending(TICKS, "strategy")
+        return handled == [1, 2] and pending["pending"] == 0
+
+    await eventually(both_acked, timeout=10)
+    await strategy.flush(5)
+    assert await redis_client.hget("hean:test:state", "BTC/USDT") == b"2"

@@ -147,6 +147,11 @@ class Delivery:
     max_deliveries: int = 0  # 0: unknown
     #: Set by `EventBus.hold`: resolved once the held event is handled (or abandoned).
     held: asyncio.Future[None] | None = None
+    #: Its partition key once a handler has called `write_on_ack`: its ack then waits for
+    #: those of its key that wrote before it (`RedisStreamsTransport._release_writes`).
+    writes_key: str | None = None
+    #: How it finished (True: to be acked) while it waits for those.
+    finished: bool | None = None
 
 
 def is_last_attempt() -> bool:
@@ -793,6 +798,9 @@ class RedisStreamsTransport(Transport):
         self._ack_commands: list[tuple[Any, ...]] = []  # EventBus.write_on_ack, in order
         #: Entries whose writes are in `_ack_commands`: acked once Redis has taken them.
         self._acks_after: dict[str, list[str]] = {}
+        #: Per partition key, the deliveries that wrote on ack, in the order they first
+        #: did: each one's ack (with its writes) is queued only after those before it.
+        self._writes_order: dict[str, deque[Delivery]] = {}
         self._conflate_lock = asyncio.Lock()
         #: Per conflated stream and key, the newest entry handed out (see _accept_conflated).
         self._conflated_last: dict[tuple[str, str], tuple[int, int]] = {}
@@ -965,7 +973,16 @@ class RedisStreamsTransport(Transport):
         if delivery is None:
             raise RuntimeError("write_on_ack() is for handlers: no event is being handled")
         pack(command)  # a bad argument is the caller's error, not the ack pipeline's
+        if delivery.writes_key is None:
+            self._order_writes(delivery)
         delivery.ack_commands.append(tuple(command))
+
+    def _order_writes(self, delivery: Delivery) -> None:
+        """Writes of one key land in the order they were made, not in the order their
+        events happen to settle: one that published waits for its write, and a later one
+        that did not would otherwise overtake it with a newer state."""
+        delivery.writes_key = partition_key(delivery.event)
+        self._writes_order.setdefault(delivery.writes_key, deque()).append(delivery)
 
     async def publish(self, event: Event, then: Commands = ()) -> None:
         future = self._enqueue(event, then, written=bool(then))
@@ -1466,6 +1483,7 @@ class RedisStreamsTransport(Transport):
         failures = await self.dispatcher.run(delivery)
         if failures:
             _drop_hold(delivery)  # the event is retried (or dead-lettered) as a whole
+            self._forget_writes(delivery)
             delivery.last_error = _describe_failures(failures)
             if delivery.deliveries >= self.config.max_deliveries or _permanent(failures):
                 await self._dead_letter(
@@ -1525,19 +1543,43 @@ class RedisStreamsTransport(Transport):
         self._finish(delivery)
 
     def _finish(self, delivery: Delivery, *, ack: bool = True) -> None:
-        if ack:
-            if delivery.ack_commands:
-                # The writes first; the XACK once Redis has taken them (_acks_done).
-                self._ack_commands.extend(delivery.ack_commands)
-                self._acks_after.setdefault(delivery.stream, []).append(delivery.entry_id)
-                self._acks_queued += 1
-                self._ack_wakeup.set()
-            else:
-                self._queue_ack(delivery.stream, delivery.entry_id)
+        if delivery.writes_key is None and delivery.ack_commands:
+            self._order_writes(delivery)  # kept from handlers that succeeded before a retry
+        if delivery.writes_key is not None:
+            delivery.finished = ack
+            self._release_writes(delivery.writes_key)
+        elif ack:
+            self._queue_ack(delivery.stream, delivery.entry_id)
         self._in_flight.discard((delivery.stream, delivery.entry_id))
         if len(self._in_flight) < self.max_in_flight:
             self._capacity.set()
         self._report_sizes()
+
+    def _release_writes(self, key: str) -> None:
+        """Queue the acks of `key`'s finished deliveries that no earlier writer holds back:
+        each with its writes, which go first, and its XACK after them (`_acks_done`)."""
+        queue = self._writes_order.get(key)
+        while queue and queue[0].finished is not None:
+            delivery = queue.popleft()
+            if delivery.finished:
+                self._ack_commands.extend(delivery.ack_commands)
+                self._acks_after.setdefault(delivery.stream, []).append(delivery.entry_id)
+                self._acks_queued += 1
+                self._ack_wakeup.set()
+        if not queue:
+            self._writes_order.pop(key, None)
+
+    def _forget_writes(self, delivery: Delivery) -> None:
+        """A failed handler's delivery (its writes dropped, its retry writes anew): it no
+        longer holds back the writes made after it."""
+        key = delivery.writes_key
+        if key is None:
+            return
+        delivery.writes_key = None
+        queue = self._writes_order.get(key)
+        if queue is not None and delivery in queue:
+            queue.remove(delivery)
+            self._release_writes(key)
 
     async def _retry_later(self, delivery: Delivery) -> None:
         delay_ms = min(
@@ -1900,6 +1942,9 @@ class RedisStreamsTransport(Transport):
         ids = {entry_id for key, entry_id in self._in_flight if key == stream}
         ids.update(self._acks.get(stream, ()))  # handled; the ack waits for Redis
         ids.update(self._acks_after.get(stream, ()))  # handled; its writes wait for Redis
+        ids.update(  # handled; its writes wait for an earlier writer's
+            d.entry_id for q in self._writes_order.values() for d in q if d.stream == stream
+        )
         ids.update(i for key, i, _ in self._superseded if key == stream)  # to be acked
         return ids
 
