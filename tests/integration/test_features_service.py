@@ -115,6 +115,18 @@ def _refusing_settings(url: str) -> FeaturesSettings:
 ROWS_KEY = "hean:events:FEATURES_READY"
 
 
+async def _handled(ctx: ServiceContext, url: str, candles: tuple[Candle, ...]) -> None:
+    """Publish `candles` and wait until the service has handled and acked them all."""
+    await publish(url, _events(candles))
+    await eventually(
+        lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
+    )
+
+
+def _healthy(ctx: ServiceContext) -> bool:
+    return bool(_component(ctx)["state"] == "healthy")
+
+
 async def _refuse_rows(client: aioredis.Redis) -> None:
     """Make Redis refuse every FEATURES_READY write (the stream's key holds a string, so
     XADD gets WRONGTYPE), keeping the rows written so far aside."""
@@ -145,10 +157,7 @@ async def test_features_refused_rows_are_held_in_order_until_redis_takes_them(
     btc = load_candles(bundled_data_path(), "BTC/USDT").candles[: WARMUP_BARS + 30]
     first = WARMUP_BARS + 10
     async with running("features", build, _refusing_settings(redis_url)) as ctx:
-        await publish(redis_url, _events(btc[:first]))
-        await eventually(
-            lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
-        )
+        await _handled(ctx, redis_url, btc[:first])
         saved = await redis_client.hgetall(STATE_KEY)
         await _refuse_rows(redis_client)
         for event in _events(btc[first:]):  # plain XADDs: a bus would trip over the key
@@ -169,11 +178,7 @@ async def test_features_refused_rows_are_held_in_order_until_redis_takes_them(
         await eventually(
             lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=30, message="drain"
         )
-
-        async def healthy() -> bool:
-            return bool(_component(ctx)["state"] == "healthy")
-
-        await eventually(healthy, timeout=10, message="healthy again")
+        await eventually(lambda: _healthy(ctx), timeout=10, message="healthy again")
         assert await redis_client.hgetall(STATE_KEY) != saved
 
     await _assert_rows_are_the_batch_ones(redis_url, btc)
@@ -191,10 +196,7 @@ async def test_features_brief_refusal_loses_no_row_of_the_candles_after_it(
     btc = load_candles(bundled_data_path(), "BTC/USDT").candles[: WARMUP_BARS + 30]
     first = WARMUP_BARS + 10
     async with running("features", build, _refusing_settings(redis_url)) as ctx:
-        await publish(redis_url, _events(btc[:first]))
-        await eventually(
-            lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
-        )
+        await _handled(ctx, redis_url, btc[:first])
         await _refuse_rows(redis_client)
         await redis_client.xadd(
             stream_key(EventType.CANDLE), {"event": _events(btc[first : first + 1])[0].to_json()}
@@ -210,11 +212,7 @@ async def test_features_brief_refusal_loses_no_row_of_the_candles_after_it(
         await eventually(
             lambda: drained(ctx.redis, EventType.CANDLE, "features"), timeout=20, message="drain"
         )
-
-        async def healthy() -> bool:
-            return bool(_component(ctx)["state"] == "healthy")
-
-        await eventually(healthy, timeout=10, message="healthy again")
+        await eventually(lambda: _healthy(ctx), timeout=10, message="healthy again")
 
     await _assert_rows_are_the_batch_ones(redis_url, btc)
 

@@ -207,11 +207,8 @@ async def test_batcher_refused_batch_goes_again_ahead_of_later_rows() -> None:
     assert batcher.refusals == 0 and batcher.waiting == 0
 
 
-async def test_batcher_holds_rows_while_a_batch_is_in_flight() -> None:
-    """One batch at a time: rows added while one is being written gather into the next,
-    sent as soon as Redis answers for the first."""
-    sent: list[list[str]] = []
-    pending: list[asyncio.Future[str]] = []
+def _answered_later(sent: list[list[str]], pending: list[asyncio.Future[str]]) -> SendBatch:
+    """A batch send that records the symbols; the test answers each batch (`pending`)."""
 
     def send(items: list[Item]) -> list[asyncio.Future[str]]:
         sent.append([i.symbol for i in items])
@@ -219,7 +216,15 @@ async def test_batcher_holds_rows_while_a_batch_is_in_flight() -> None:
         pending.append(future)
         return [future]
 
-    batcher = EventBatcher(send, size=10, timeout_s=60.0)
+    return send
+
+
+async def test_batcher_holds_rows_while_a_batch_is_in_flight() -> None:
+    """One batch at a time: rows added while one is being written gather into the next,
+    sent as soon as Redis answers for the first."""
+    sent: list[list[str]] = []
+    pending: list[asyncio.Future[str]] = []
+    batcher = EventBatcher(_answered_later(sent, pending), size=10, timeout_s=60.0)
     first = batcher.add(_event("A"), "A", {})
     second = batcher.add(_event("A"), "A", {})
     third = batcher.add(_event("A"), "A", {})
@@ -237,14 +242,7 @@ async def test_batcher_stop_fails_the_rows_not_yet_sent() -> None:
     nothing more; the batch in flight still resolves with its answer."""
     sent: list[list[str]] = []
     pending: list[asyncio.Future[str]] = []
-
-    def send(items: list[Item]) -> list[asyncio.Future[str]]:
-        sent.append([i.symbol for i in items])
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        pending.append(future)
-        return [future]
-
-    batcher = EventBatcher(send, size=10, timeout_s=60.0)
+    batcher = EventBatcher(_answered_later(sent, pending), size=10, timeout_s=60.0)
     flying = batcher.add(_event("A"), "A", {})
     waiting = batcher.add(_event("A"), "A", {})
     batcher.stop()
