@@ -152,7 +152,6 @@ class EventBatcher:
         self._retry: asyncio.TimerHandle | None = None
         self._stopped = False
         self.refusals = 0  # consecutive refused sends of the batch at the front
-        self.batches = 0
 
     @property
     def _held(self) -> bool:
@@ -238,7 +237,6 @@ class EventBatcher:
             return
         self._backoff.reset()
         self.refusals = 0
-        self.batches += 1
         if self.on_written is not None:
             self.on_written(batch)
         for item in batch:
