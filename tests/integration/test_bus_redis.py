@@ -1273,3 +1273,49 @@ async def test_bus_writes_on_ack_of_one_key_land_in_the_order_they_were_made(
     await eventually(both_acked, timeout=10)
     await strategy.flush(5)
     assert await redis_client.hget("hean:test:state", "BTC/USDT") == b"2"
+
+
+async def test_bus_handler_failing_on_redis_refusing_writes_for_now_waits_in_place(
+    redis_factory: Callable[..., RedisServer], buses: list[EventBus]
+) -> None:
+    """A handler whose own Redis write is refused for now (out of memory) is run again in
+    place after a pause, however long that lasts: not counted as a failed delivery (no
+    dead letter past `max_deliveries`), and the next event of its key waits behind it."""
+    server = redis_factory()
+    client = aioredis.Redis.from_url(server.url)
+    execution = make_bus(server.url, "execution", max_deliveries=2, claim_idle_ms=300)
+    attempts: list[int] = []
+    done: list[int] = []
+
+    async def on_tick(event: Event) -> None:
+        seq = event.data["seq"]
+        if not attempts:  # both ticks are read by now: Redis runs out of memory
+            await client.config_set("maxmemory", 1)
+        attempts.append(seq)
+        await client.hset("hean:test:claims", str(seq), "1")  # refused while out of memory
+        done.append(seq)
+
+    execution.subscribe(EventType.TICK, on_tick)
+    publisher = await started(make_bus(server.url, "market-data"), buses)
+    try:
+        for i in (1, 2):
+            await publisher.publish(tick(i))
+        await publisher.flush(5)
+        await client.config_set("maxmemory-policy", "noeviction")
+        await started(execution, buses)
+        await asyncio.sleep(1.5)  # several pauses; past max_deliveries and claim_idle_ms
+        assert done == [] and set(attempts) == {1} and len(attempts) >= 3
+        assert execution.health().state == BusState.DEGRADED
+        await client.config_set("maxmemory", 0)
+
+        async def handled() -> bool:
+            pending: Any = await client.xpending(TICKS, "execution")
+            return done == [1, 2] and pending["pending"] == 0
+
+        await eventually(handled, timeout=10)
+        assert await client.xlen(DLQ_STREAM) == 0
+        counts = await client.xpending_range(TICKS, "execution", min="-", max="+", count=10)
+        assert counts == []
+    finally:
+        await client.config_set("maxmemory", 0)
+        await client.aclose()

@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -101,6 +101,26 @@ def refused_for_now(error: BaseException) -> bool:
     if isinstance(error, OutOfMemoryError | ReadOnlyError | TryAgainError):
         return True
     return isinstance(error, ResponseError) and str(error).split(" ", 1)[0] in _PAUSED_CODES
+
+
+def _in_chain(
+    error: BaseException, matches: Callable[[BaseException], bool]
+) -> BaseException | None:
+    """The first of `error` and the errors it was raised from that `matches`, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if matches(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def redis_unavailable(error: BaseException) -> bool:
+    """Whether `error` is, or was raised from, Redis being out of reach or refusing writes
+    for now (`refused_for_now`): something to wait out and try again, not a fault."""
+    return _in_chain(error, lambda e: isinstance(e, _REDIS_DOWN) or refused_for_now(e)) is not None
 
 
 class BusState(StrEnum):
@@ -700,6 +720,24 @@ def when_all_done(futures: Sequence[asyncio.Future[Any]], callback: Callable[[],
         future.add_done_callback(one_done)
 
 
+def _transaction(commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """`commands` in MULTI/EXEC: Redis runs all of them or, when it refuses writes for now
+    (out of memory: a command refused as it is queued, or EXEC itself), none. In a plain
+    pipeline Redis could start taking writes again halfway: the events after a refused one
+    would be written first, out of order, while it is kept and sent again."""
+    return [("MULTI",), *commands, ("EXEC",)]
+
+
+def _transaction_replies(raw: list[Any]) -> list[Any]:
+    """The replies of the commands of a `_transaction`: EXEC's; or, when Redis discarded
+    the transaction, its reason for every command (none of them ran)."""
+    executed = raw[-1]
+    if isinstance(executed, list):
+        return executed
+    refused = next((r for r in raw[1:-1] if isinstance(r, Exception)), executed)
+    return [refused] * (len(raw) - 2)
+
+
 def _flatten(commands: Commands) -> list[Any]:
     """`_PUBLISH_THEN`'s ARGV tail: each command as its argument count, then its arguments."""
     flat: list[Any] = []
@@ -878,6 +916,11 @@ class RedisStreamsTransport(Transport):
                 redact_url(self.config.url),
                 exc,
             )
+        except ResponseError as exc:
+            if not refused_for_now(exc):
+                raise
+            # The streams and groups are made once Redis takes writes (flush and read loops).
+            self._refusal_started(exc, 0, self.config.reconnect_max_s)
         self._workers.start()
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="bus-outbox"),
@@ -1075,7 +1118,7 @@ class RedisStreamsTransport(Transport):
             return False
         batch = [self._outbox[i] for i in range(min(500, len(self._outbox)))]
         acks = self._take_acks()
-        pending = conn.send_nowait(self._outbox_commands(batch, acks))
+        pending = conn.send_nowait(_transaction(self._outbox_commands(batch, acks)))
         if pending is None:
             self._requeue_acks(acks)
             return False
@@ -1103,13 +1146,21 @@ class RedisStreamsTransport(Transport):
                     self._set_connected(False, exc)
                     await asyncio.sleep(backoff.next_delay())
                     continue
+                except ResponseError as exc:  # the groups not made: nothing may be sent yet
+                    delay = refusals.next_delay()
+                    if refused_for_now(exc):
+                        self._refusal_started(exc, len(self._outbox), delay)
+                    else:
+                        log.error("creating the consumer groups failed: %s", exc)
+                    await asyncio.sleep(delay)
+                    continue
                 if not self._write_outbox():
                     continue  # lost again already: the next turn connects again
             assert self._writing is not None
             batch, acks, pending = self._writing
             try:
                 async with asyncio.timeout(WRITE_TIMEOUT_S):
-                    replies = iter(await pending.wait(raise_on_error=False))
+                    replies = iter(_transaction_replies(await pending.wait(raise_on_error=False)))
             except _REDIS_DOWN as exc:
                 self._writing = None
                 self._set_connected(False, exc)
@@ -1189,8 +1240,9 @@ class RedisStreamsTransport(Transport):
         self._refusing = f"{type(error).__name__}: {error}"
         if first:
             log.error(
-                "Redis refuses writes for now (%s): %d events and the acks with them are "
-                "kept in order and sent again (next try in %.2f s, backing off to %.0f s)",
+                "Redis refuses writes for now (%s): events, acks and handlers' writes wait "
+                "in order and go again (%d events refused; next try in %.2f s, backing off "
+                "to %.0f s)",
                 self._refusing,
                 kept,
                 delay,
@@ -1322,7 +1374,9 @@ class RedisStreamsTransport(Transport):
             self._groups_ready.clear()
             await self._recreate_groups()
             return
-        if isinstance(exc, ResponseError):
+        if refused_for_now(exc):  # XREADGROUP writes too (the pending list)
+            self._refusal_started(exc, 0, backoff.next_delay())
+        elif isinstance(exc, ResponseError):
             log.error("%s failed: %s", what, exc)
         else:
             self._set_connected(False, exc)
@@ -1480,7 +1534,7 @@ class RedisStreamsTransport(Transport):
         self._report_sizes()
 
     async def _handle(self, delivery: Delivery) -> None:
-        failures = await self.dispatcher.run(delivery)
+        failures = await self._run_waiting_out_refusals(delivery)
         if failures:
             _drop_hold(delivery)  # the event is retried (or dead-lettered) as a whole
             self._forget_writes(delivery)
@@ -1519,6 +1573,28 @@ class RedisStreamsTransport(Transport):
             self._settle(delivery)
 
         when_all_done(delivery.outputs, written)
+
+    async def _run_waiting_out_refusals(
+        self, delivery: Delivery
+    ) -> list[tuple[str, BaseException]]:
+        """Run the handlers; while they fail only because Redis refuses their writes for
+        now (out of memory: `refused_for_now`), run them again after a pause, in place:
+        waiting out such a refusal is not a failed delivery (it is not counted towards
+        `EVENT_MAX_DELIVERIES`, and nothing after it on the lane overtakes it), as with
+        the bus's own writes."""
+        failures = await self.dispatcher.run(delivery)
+        pauses = Backoff(maximum=self.config.reconnect_max_s)
+        while failures and self._running:
+            refusals = [_in_chain(exc, refused_for_now) for _, exc in failures]
+            if not all(refusals):
+                break
+            _drop_hold(delivery)
+            self._forget_writes(delivery)
+            delay = pauses.next_delay()
+            self._refusal_started(cast(BaseException, refusals[0]), 0, delay)
+            await asyncio.sleep(delay)
+            failures = await self.dispatcher.run(delivery)
+        return failures
 
     def _settle(self, delivery: Delivery) -> None:
         """Ack a handled delivery whose outputs are all written (or failed: then not)."""
@@ -1686,8 +1762,10 @@ class RedisStreamsTransport(Transport):
             try:
                 assert self._ack_conn is not None
                 async with asyncio.timeout(WRITE_TIMEOUT_S):
-                    replies = await self._ack_conn.execute(
-                        self._ack_commands_of(batch), raise_on_error=False
+                    replies = _transaction_replies(
+                        await self._ack_conn.execute(
+                            _transaction(self._ack_commands_of(batch)), raise_on_error=False
+                        )
                     )
             except _REDIS_DOWN as exc:
                 self._set_connected(False, exc)
