@@ -24,7 +24,10 @@ from hean.execution.service import ExecutionService
 from hean.portfolio.core import Portfolio
 from hean.portfolio.service import PortfolioService
 from hean.risk.risk_governor import RiskGovernor, RiskLimits
-from hean.risk.service import COMMAND_STREAM, KILLSWITCH_KEY, RiskService
+from hean.risk.service import COMMAND_STREAM, KILLSWITCH_KEY, RiskService, RiskServiceSettings
+from hean.risk.service import build as risk_build
+from tests.conftest import RedisServer
+from tests.integration.signal_path_helpers import FAST, running
 
 D = Decimal
 BTC = MarketRules("BTC/USDT", tick_size=D("0.1"), qty_step=D("0.001"), min_qty=D("0.001"))
@@ -505,3 +508,44 @@ async def test_order_path_ledger_claim_repeated_by_its_claimer_only_while_workin
         await ledger.finish("o-lost", "filled", "1")
         assert not await ledger.claim("o-lost", "BTC/USDT", "1", "proc-a")
     await ledgers[1].aclose()
+
+
+async def test_risk_started_while_redis_refuses_writes_starts_once_it_takes_them(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """Redis out of memory (`noeviction`) when risk starts: its governor cannot make its
+    consumer group, so the component is unhealthy, saying why and that it tries again, and
+    the process keeps running. Once Redis takes writes, the component starts by itself and
+    risk approves orders."""
+    server = redis_factory()
+    client = aioredis.Redis.from_url(server.url)
+    await client.config_set("maxmemory-policy", "noeviction")
+    await client.config_set("maxmemory", 1)
+    settings = RiskServiceSettings(REDIS_URL=server.url, SERVICE_NAME="risk", **FAST)
+    try:
+        async with running("risk", risk_build, settings) as ctx:
+
+            def component() -> dict[str, Any]:
+                entry: dict[str, Any] = ctx.orchestrator.health()["components"]["risk_governor"]
+                return entry
+
+            assert component()["state"] == "unhealthy"
+            assert "Redis unavailable: trying again" in str(component()["error_message"])
+            assert "maxmemory" in str(component()["error_message"])
+            await client.config_set("maxmemory", 0)
+            await eventually(lambda: _true(component()["state"] == "healthy"), timeout=20)
+            await publish(server.url, tick("100"))
+            await asyncio.sleep(0.5)  # the mark, read conflated
+            signal = Event(
+                event_type=EventType.SIGNAL,
+                data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
+            )
+            await publish(server.url, signal)
+
+            async def approved() -> bool:
+                return int(await client.xlen(stream_key(EventType.ORDER_APPROVED))) == 1
+
+            await eventually(approved, timeout=20)
+    finally:
+        await client.config_set("maxmemory", 0)
+        await client.aclose()

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, overload
 
-from hean.core.bus import BusState, EventBus
+from hean.core.bus import Backoff, BusState, EventBus, redis_unavailable
 from hean.core.circuit_breaker import CircuitBreaker, CircuitState
 from hean.core.health import (
     ComponentState,
@@ -91,6 +91,8 @@ class TradingOrchestrator:
         self._running = False
         self._started_at: float | None = None
         self._health_task: asyncio.Task[None] | None = None
+        #: Components whose start met Redis unavailable: started again in the background.
+        self._start_retries: list[asyncio.Task[None]] = []
 
     # --- registration and lifecycle --------------------------------------------------------
 
@@ -149,23 +151,19 @@ class TradingOrchestrator:
 
         A component whose `start()` raises is marked unhealthy with its error; the others
         still start, and the service reports itself unhealthy rather than dying silently.
+        If it raised because Redis was out of reach or refused writes for now (out of
+        memory), it is started again in the background, with backoff, until it starts.
         """
         if self._running:
             return
+        retry: list[_Registered] = []
         for reg in self._components.values():
-            start = getattr(reg.component, "start", None)
-            if start is None:
-                reg.started = True
-                continue
-            try:
-                result = start()
-                if inspect.isawaitable(result):
-                    await result
-                reg.started = True
-            except Exception as exc:
-                reg.start_error = f"start failed: {type(exc).__name__}: {exc}"
-                log.exception("component %s failed to start", reg.name)
+            if not await self._start_component(reg, first=True):
+                retry.append(reg)
         await self.bus.start()
+        self._start_retries = [
+            asyncio.create_task(self._start_again(reg), name=f"start-{reg.name}") for reg in retry
+        ]
         self._running = True
         self._started_at = self._clock()
         if self.reporter is not None:
@@ -174,12 +172,46 @@ class TradingOrchestrator:
             "%s started: %s", self.service_name, ", ".join(self._components) or "no components"
         )
 
+    async def _start_component(self, reg: _Registered, *, first: bool) -> bool:
+        """Start one component; False if Redis was unavailable (to be tried again)."""
+        start = getattr(reg.component, "start", None)
+        try:
+            if start is not None:
+                result = start()
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as exc:
+            reg.start_error = f"start failed: {type(exc).__name__}: {exc}"
+            if not redis_unavailable(exc):
+                log.exception("component %s failed to start", reg.name)
+                return True
+            reg.start_error += " (Redis unavailable: trying again)"
+            if first:
+                log.warning("component %s could not start: %s", reg.name, reg.start_error)
+            return False
+        if not first:
+            log.info("component %s started", reg.name)
+        reg.started = True
+        reg.start_error = None
+        return True
+
+    async def _start_again(self, reg: _Registered) -> None:
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while self._running:
+            await asyncio.sleep(backoff.next_delay())
+            if await self._start_component(reg, first=False):
+                return
+
     async def stop(self, drain_timeout: float = 5.0) -> None:
         """Stop consuming (in-flight handlers finish), stop components in reverse order, then
         close the bus once everything they published is delivered."""
         if not self._running:
             return
         self._running = False
+        for task in self._start_retries:
+            task.cancel()
+        await asyncio.gather(*self._start_retries, return_exceptions=True)
+        self._start_retries = []
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
