@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +21,17 @@ from tests.chaos.harness import (
     Proc,
     System,
     base_env,
+    clean_run,
+    differences,
     events,
     invariants,
     outcome,
     pnl_consistent,
     quiescent,
+    replay_finished,
+    start_all,
     wait_for,
+    wait_groups,
 )
 from tests.conftest import RedisServer
 
@@ -224,3 +230,86 @@ async def test_redis_down_past_outbox_bound_recovers_when_it_returns(
     redis_factory: Callable[..., RedisServer], tmp_path: Path, report: Report
 ) -> None:
     await _outage(redis_factory, tmp_path, report, recover=True)
+
+
+@pytest.mark.timeout(420)
+async def test_redis_refusing_writes_by_turns_changes_no_decision(
+    redis_factory: Callable[..., RedisServer], tmp_path: Path, report: Report
+) -> None:
+    """Redis at `maxmemory` with `noeviction`, going over and under the limit every few
+    milliseconds (as when keys expire near the limit; here the limit itself is switched
+    between 1 byte and none) for the whole replay: writes fail and succeed by turns in
+    every service. Every bar and feature row reaches Redis, and the run decides, orders
+    and fills exactly as a run without faults; nothing is left pending or dead-lettered."""
+    server = redis_factory()
+    ref, ref_took = await clean_run(server.url, tmp_path / "reference", bars=BARS)
+    assert ref.approved, "the reference run must trade (thresholds too strict?)"
+    client = aioredis.Redis.from_url(server.url)
+    await client.flushall()
+    system = System(base_env(server.url, **TRADING_ENV), tmp_path / "faults")
+    churning = True
+    swings = 0
+
+    async def churn() -> None:
+        nonlocal swings
+        while churning:
+            await client.config_set("maxmemory", 1)
+            await asyncio.sleep(0.004)
+            await client.config_set("maxmemory", 0)
+            swings += 1
+            await asyncio.sleep(0.004)
+
+    try:
+        await client.config_set("maxmemory-policy", "noeviction")
+        start_all(system, 1)
+        await wait_groups(client, system)
+        t0 = time.monotonic()
+        task = asyncio.create_task(churn())
+        try:
+            md = system.start("market-data", REPLAY_SPEED="0", REPLAY_MAX_BARS=str(BARS))
+            await wait_for(
+                lambda: replay_finished(md), timeout=300, message="replay end", system=system
+            )
+        finally:
+            churning = False
+            await task
+        churned = time.monotonic() - t0
+        await wait_for(lambda: quiescent(client), timeout=120, message="drained", system=system)
+        run = await outcome(client)
+        candles = await events(client, EventType.CANDLE)
+        features = await events(client, EventType.FEATURES_READY)
+    finally:
+        codes = system.stop_all()
+        await client.aclose()
+    told = sorted(p.service for p in system.procs.values() if _said_refused(p))
+    bars = {(c.data["symbol"], c.data["timestamp"]) for c in candles}
+    rows = {(f.data["symbol"], f.data["timestamp"]) for f in features}
+    expected_rows = 2 * (BARS - WARMUP_BARS + 1)
+    problems = invariants(run) + pnl_consistent(run)
+    diffs = differences(ref, run)
+    report.add(
+        "Redis faults",
+        f"- Redis refusing writes by turns (`maxmemory` switched between 1 byte and none every "
+        f"4 ms, `noeviction`) for the whole replay ({BARS} bars x 2 symbols as fast as the "
+        f"consumers keep up, all eight services; {churned:.0f} s, {swings} swings; the "
+        f"reference run without faults took {ref_took:.0f} s): services that logged the "
+        f"refusals: {', '.join(told) or 'none'}. Afterwards {len(bars)} of {2 * BARS} bars and "
+        f"{len(rows)} of {expected_rows} feature rows in Redis; {len(run.signals)} signals, "
+        f"{len(run.approved)} orders and {len(run.fill_ids)} fills against the reference's "
+        f"{len(ref.signals)} / {len(ref.approved)} / {len(ref.fill_ids)}; {run.dlq} dead "
+        f"letters; differences from the reference: {diffs or 'none'}; invariants broken: "
+        f"{problems or 'none'}. (Before 2026-12-01 the bus dropped a producer's refused event "
+        "and left a handler's input to a reclaim 30 s later; "
+        "`test_redis_faults.py::test_redis_refusing_writes_by_turns_changes_no_decision`)",
+    )
+    assert swings > 100 and told, "the writes were not refused"
+    assert len(bars) == 2 * BARS
+    assert len(rows) == expected_rows
+    assert run.dlq == 0
+    assert diffs == []
+    assert problems == []
+    assert all(c == 0 for c in codes.values()), codes
+
+
+def _said_refused(proc: Proc) -> bool:
+    return "Redis refuses writes for now" in proc.log_path.read_text(errors="replace")
