@@ -18,6 +18,7 @@ from tests.chaos.conftest import Report
 from tests.chaos.harness import (
     TRADING_ENV,
     WARMUP,
+    Outcome,
     Proc,
     System,
     base_env,
@@ -66,6 +67,23 @@ def _not_healthy(system: System) -> str:
     return "; ".join(lines)
 
 
+Bar = tuple[str, int]
+
+
+async def _drained(
+    client: aioredis.Redis, system: System
+) -> tuple[Outcome, int, set[Bar], set[Bar]]:
+    """Once every group has caught up: the run's outcome, the CANDLE entries, and the
+    distinct bars and feature rows (symbol, bar time) in Redis."""
+    await wait_for(lambda: quiescent(client), timeout=120, message="drained", system=system)
+    run = await outcome(client)
+    candles = await events(client, EventType.CANDLE)
+    features = await events(client, EventType.FEATURES_READY)
+    bars = {(c.data["symbol"], c.data["timestamp"]) for c in candles}
+    rows = {(f.data["symbol"], f.data["timestamp"]) for f in features}
+    return run, len(candles), bars, rows
+
+
 @pytest.mark.timeout(300)
 async def test_redis_restart_under_load_nothing_lost(
     redis_factory: Callable[..., RedisServer], tmp_path: Path, report: Report
@@ -112,15 +130,10 @@ async def test_redis_restart_under_load_nothing_lost(
             message="replay end",
             system=system,
         )
-        await wait_for(lambda: quiescent(client), timeout=120, message="drained", system=system)
-        run = await outcome(client)
-        candles = await events(client, EventType.CANDLE)
-        features = await events(client, EventType.FEATURES_READY)
+        run, candles, bars, rows = await _drained(client, system)
     finally:
         codes = system.stop_all()
         await client.aclose()
-    bars = {(c.data["symbol"], c.data["timestamp"]) for c in candles}
-    rows = {(f.data["symbol"], f.data["timestamp"]) for f in features}
     expected_rows = 2 * (BARS - WARMUP_BARS + 1)
     problems = invariants(run) + pnl_consistent(run)
     report.add(
@@ -129,7 +142,7 @@ async def test_redis_restart_under_load_nothing_lost(
         f"({BARS} bars x 2 symbols at 40 bars/s, seven services): every service "
         f"reported degraded within {degraded:.1f} s ({states_down}); all healthy again "
         f"{back:.1f} s after Redis returned (outage {outage:.1f} s in all). Afterwards "
-        f"{len(bars)} of {2 * BARS} bars in Redis ({len(candles) - len(bars)} duplicate "
+        f"{len(bars)} of {2 * BARS} bars in Redis ({candles - len(bars)} duplicate "
         f"entries), {len(rows)} of {expected_rows} feature rows, {len(run.approved)} orders, "
         f"{len(run.fill_ids)} fills, nothing pending; invariants broken: {problems or 'none'}.",
     )
@@ -274,16 +287,11 @@ async def test_redis_refusing_writes_by_turns_changes_no_decision(
             churning = False
             await task
         churned = time.monotonic() - t0
-        await wait_for(lambda: quiescent(client), timeout=120, message="drained", system=system)
-        run = await outcome(client)
-        candles = await events(client, EventType.CANDLE)
-        features = await events(client, EventType.FEATURES_READY)
+        run, _, bars, rows = await _drained(client, system)
     finally:
         codes = system.stop_all()
         await client.aclose()
     told = sorted(p.service for p in system.procs.values() if _said_refused(p))
-    bars = {(c.data["symbol"], c.data["timestamp"]) for c in candles}
-    rows = {(f.data["symbol"], f.data["timestamp"]) for f in features}
     expected_rows = 2 * (BARS - WARMUP_BARS + 1)
     problems = invariants(run) + pnl_consistent(run)
     diffs = differences(ref, run)
