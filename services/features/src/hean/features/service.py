@@ -102,6 +102,13 @@ class Item:
 SendBatch = Callable[[list[Item]], Sequence[asyncio.Future[Any]]]
 
 
+def _failed(error: BaseException) -> asyncio.Future[Any]:
+    """A write that failed before it was queued, as the future of one that Redis refused."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
+
+
 class EventBatcher:
     """Collects items and writes them in batches, in the order they were added, one batch
     at a time. `add` returns at once with a future that resolves once the item's batch is
@@ -208,9 +215,7 @@ class EventBatcher:
             # handler happened to close it (its ack waits for its own item only).
             futures = list(Context().run(self.send, batch))
         except Exception as exc:  # noqa: BLE001 - the batch is refused: sent again
-            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            futures = [failed]
+            futures = [_failed(exc)]
         when_all_done(futures, partial(self._answered, batch, futures))
 
     def _answered(self, batch: list[Item], futures: list[asyncio.Future[Any]]) -> None:
@@ -400,9 +405,7 @@ class FeaturesService:
             save = [self.store.save_command(states)]
             written.append(self.bus.publish_nowait(last.event, then=save))
         except Exception as exc:  # noqa: BLE001 - the outbox is full: the batch goes again
-            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            written.append(failed)
+            written.append(_failed(exc))
         return written
 
     def _written(self, items: list[Item]) -> None:
