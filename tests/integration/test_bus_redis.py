@@ -1211,7 +1211,12 @@ async def test_bus_handler_writes_redis_refuses_for_now_wait_and_the_input_stays
         for i in (1, 2, 3):
             await publisher.publish(tick(i))
         await publisher.flush(5)
-        await eventually(lambda: handled == [1, 2], timeout=10)
+
+        async def tick_1_done() -> bool:
+            # Its state is written and, a pipeline later, its XACK sent: before the refusal.
+            return handled == [1, 2] and await state() == b"1" and await pending() == 2
+
+        await eventually(tick_1_done, timeout=10)
         await client.config_set("maxmemory-policy", "noeviction")
         await client.config_set("maxmemory", 1)
         gate.set()
