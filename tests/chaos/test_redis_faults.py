@@ -25,6 +25,7 @@ from tests.chaos.harness import (
     clean_run,
     differences,
     events,
+    health_states,
     invariants,
     outcome,
     pnl_consistent,
@@ -276,6 +277,15 @@ async def test_redis_refusing_writes_by_turns_changes_no_decision(
         await client.config_set("maxmemory-policy", "noeviction")
         start_all(system, 1)
         await wait_groups(client, system)
+
+        async def all_started() -> bool:
+            # Refusals while trading: a service started under them is another test's
+            # (test_order_path.py, risk started while Redis refuses writes).
+            states = await health_states(client)
+            wanted = {p.instance for p in system.procs.values()}
+            return wanted <= set(states) and all(states[i] == "healthy" for i in wanted)
+
+        await wait_for(all_started, timeout=60, message="every service healthy", system=system)
         t0 = time.monotonic()
         task = asyncio.create_task(churn())
         try:

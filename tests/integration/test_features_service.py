@@ -166,7 +166,11 @@ async def test_features_refused_rows_are_held_in_order_until_redis_takes_them(
         async def held() -> bool:
             health = _component(ctx)
             pending: Any = await redis_client.xpending(stream_key(EventType.CANDLE), "features")
-            return bool(health["state"] == "degraded" and pending["pending"] == 20)
+            return bool(
+                health["state"] == "degraded"
+                and "20 rows held" in str(health["error_message"])
+                and pending["pending"] == 20
+            )
 
         await eventually(held, timeout=20, message="all 20 rows held")
         health = _component(ctx)
