@@ -27,7 +27,7 @@ from hean.risk.risk_governor import RiskGovernor, RiskLimits
 from hean.risk.service import COMMAND_STREAM, KILLSWITCH_KEY, RiskService, RiskServiceSettings
 from hean.risk.service import build as risk_build
 from tests.conftest import RedisServer
-from tests.integration.signal_path_helpers import FAST, running
+from tests.integration.signal_path_helpers import FAST, drained, running
 
 D = Decimal
 BTC = MarketRules("BTC/USDT", tick_size=D("0.1"), qty_step=D("0.001"), min_qty=D("0.001"))
@@ -409,6 +409,20 @@ async def _events_if_any(url: str, etype: EventType) -> list[Event]:
     return await events(url, etype)
 
 
+def _candle(close: str, symbol: str = "BTC/USDT") -> Event:
+    return Event(
+        event_type=EventType.CANDLE,
+        data={
+            "symbol": symbol,
+            "open": close,
+            "high": close,
+            "low": close,
+            "close": close,
+            "volume": 1,
+        },
+    )
+
+
 def _fill(fill_id: str, side: str, qty: str, price: str) -> Event:
     return Event(
         event_type=EventType.ORDER_FILLED,
@@ -433,6 +447,8 @@ async def test_order_path_portfolio_rebuilt_after_restart_equals_before(redis_ur
     ]
     await publish(redis_url, *fills, fills[1])  # one fill delivered twice
     await eventually(lambda: _true(svc.portfolio.fills_applied == 3))
+    await publish(redis_url, tick("95"))  # after: a tick is read before the fills beside it
+    await eventually(lambda: _true(svc.portfolio.positions["BTC/USDT"].mark_price == D(95)))
     before = svc.portfolio.snapshot()
     await bus.stop()
 
@@ -441,6 +457,48 @@ async def test_order_path_portfolio_rebuilt_after_restart_equals_before(redis_ur
     assert svc.portfolio.snapshot() == before
     assert svc.portfolio.realized_pnl == D(10)
     await bus.stop()
+
+
+async def test_order_path_portfolio_publishes_rebuilt_state_before_any_new_fill(
+    redis_url, redis_client
+):
+    # Fills made while no portfolio ran: its new group gets them all again as duplicates,
+    # so only the rebuild itself can tell risk and dashboards the equity.
+    await publish(redis_url, tick("120"), _fill("1", "BUY", "2", "100"))
+    await publish(redis_url, _fill("2", "BUY", "1", "130"))
+    await publish(redis_url, _candle("125"), _candle("126", symbol="ETH/USDT"))
+    bus, svc = await start_portfolio(redis_url, redis_client)
+    try:
+        assert svc.rebuilt_fills == 2
+        (update,) = await eventually(lambda: _events_if_any(redis_url, EventType.PNL_UPDATE))
+        assert update.data["reason"] == "rebuild"
+        assert update.data["fills_applied"] == 2
+        assert list(update.data["positions"]) == ["BTC/USDT"]  # nothing held in ETH
+        position = update.data["positions"]["BTC/USDT"]
+        assert D(position["qty"]) == D(3)
+        # The newest price: the candle after the fills; not the first fill's (100), nor
+        # the last fill's (130), nor the tick before them (120).
+        assert D(position["mark_price"]) == D(125)
+        assert D(update.data["unrealized_pnl"]) == D(45)  # 3 * 125 - (200 + 130)
+        assert D(update.data["equity"]) == D("10044.90")  # less two 0.05 fees
+        # The redelivered duplicates, handled and acked, publish nothing more.
+        await eventually(lambda: drained(redis_client, EventType.ORDER_FILLED, "portfolio"))
+        assert len(await events(redis_url, EventType.PNL_UPDATE)) == 1
+    finally:
+        await bus.stop()
+
+
+async def test_order_path_portfolio_with_no_fills_publishes_nothing_at_start(
+    redis_url, redis_client
+):
+    bus, svc = await start_portfolio(redis_url, redis_client)
+    try:
+        await publish(redis_url, tick("100"))
+        await eventually(lambda: drained(redis_client, EventType.TICK, "portfolio"))
+        assert svc.rebuilt_fills == 0
+        assert await events(redis_url, EventType.PNL_UPDATE) == []
+    finally:
+        await bus.stop()
 
 
 async def test_order_path_risk_rebuilds_positions_and_equity_after_restart(redis_url, redis_client):

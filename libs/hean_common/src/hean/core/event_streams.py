@@ -78,6 +78,20 @@ def entries_of(response: Any) -> Entries:
     return list(response or [])
 
 
+async def newest_events(client: aioredis.Redis, event_type: EventType, count: int) -> list[Event]:
+    """The newest `count` entries of a stream, decoded, oldest first: recent market state
+    for a service starting up. An entry that does not decode is left out (its consumers
+    dead-letter it with the reason; there is nothing to learn from it here)."""
+    key = stream_key(event_type)
+    found: list[Event] = []
+    for _entry_id, fields in reversed(entries_of(await client.xrevrange(key, count=count))):
+        try:
+            found.append(decode_entry(key, fields))
+        except InvalidEventError:
+            continue
+    return found
+
+
 def check_size(encoded: bytes) -> None:
     if len(encoded) > MAX_EVENT_BYTES:
         raise InvalidEventError(

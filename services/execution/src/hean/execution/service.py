@@ -27,12 +27,12 @@ from pydantic import Field, field_validator, model_validator
 from hean.core.bus import EventBus, is_last_attempt
 from hean.core.circuit_breaker import CircuitBreaker, CircuitBreakerOpenError
 from hean.core.errors import TransientError
-from hean.core.event_streams import RedisEventStream, as_str, decode_entry, stream_key
+from hean.core.event_streams import RedisEventStream, as_str, newest_events, stream_key
 from hean.core.metrics import Metrics
 from hean.core.resp import RespConnection
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, ExchangeSettings
-from hean.core.types import Event, EventType, InvalidEventError, current_event
+from hean.core.types import Event, EventType, current_event
 from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
 from hean.execution.exchange import (
     ChildOrder,
@@ -287,13 +287,7 @@ class ExecutionService:
             (EventType.CANDLE, self.on_candle),
             (EventType.TICK, self.on_tick),
         ):
-            key = stream_key(event_type)
-            entries: Any = await client.xrevrange(key, count=count)
-            for _entry_id, fields in reversed(entries):
-                try:
-                    event = decode_entry(key, fields)
-                except InvalidEventError:
-                    continue  # its consumers dead-letter it; nothing to learn here
+            for event in await newest_events(client, event_type, count):
                 await handler(event)
                 seen += 1
         if seen:

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from hean.core.bus import EventBus
 from hean.core.errors import PermanentError
-from hean.core.event_streams import RedisEventStream, ensure_group, stream_key
+from hean.core.event_streams import RedisEventStream, ensure_group, newest_events, stream_key
 from hean.core.metrics import Metrics
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings
@@ -27,6 +27,9 @@ from hean.core.types import Event, EventType
 from hean.portfolio.core import Portfolio, fill_from_event_data
 
 log = logging.getLogger(__name__)
+
+#: How many of the newest TICK and CANDLE events a rebuild reads for its marks.
+MARK_SCAN = 500
 
 
 class PortfolioSettings(CoreSettings):
@@ -66,8 +69,10 @@ class PortfolioService:
         self._dirty = False
 
     async def start(self) -> None:
-        if self.history is not None:
-            await self.rebuild()
+        if self.history is not None and await self.rebuild():
+            # Whoever reads PNL_UPDATE (risk, dashboards) sees the rebuilt state now, not
+            # at the next fill: on a new group every fill comes back as a duplicate.
+            await self._publish(self.portfolio.last_update_ns, reason="rebuild")
         self.bus.subscribe(EventType.ORDER_FILLED, self.on_fill, name="portfolio.on_fill")
         # Marks only: the newest price per symbol is enough (conflated, see hean.core.bus).
         self.bus.subscribe(EventType.TICK, self.on_tick, name="portfolio.on_tick", conflate=True)
@@ -76,20 +81,39 @@ class PortfolioService:
         )
 
     async def rebuild(self) -> int:
-        """Replay every ORDER_FILLED in the stream into the core; returns fills applied."""
+        """Replay every ORDER_FILLED in the stream into the core; returns fills applied.
+
+        Each position is then marked at the newest price known for its symbol: the newest
+        of its last fill and the recent TICK and CANDLE events still in Redis (by event
+        time). Without that its mark would be its first fill's price, and the equity
+        published for risk's drawdown check as stale as the position is old.
+        """
         assert self.history is not None
         await self.history.connect()
         await ensure_group(
             self.history.client, stream_key(EventType.ORDER_FILLED), self.group, start_id="0"
         )
         applied = 0
+        marks: dict[str, tuple[int, Decimal]] = {}
         async for event in self.history.replay_events(EventType.ORDER_FILLED):
             try:
                 fill = fill_from_event_data(event.data, event.timestamp)
             except ValueError as exc:
                 log.warning("rebuild: skipping fill %s: %s", event.event_id, exc)
                 continue
-            applied += self.portfolio.apply_fill(fill)
+            if self.portfolio.apply_fill(fill):
+                applied += 1
+                marks[fill.symbol] = max(
+                    marks.get(fill.symbol, (-1, fill.price)), (fill.timestamp_ns, fill.price)
+                )
+        for event_type, field in ((EventType.CANDLE, "close"), (EventType.TICK, "price")):
+            for event in await newest_events(self.history.client, event_type, MARK_SCAN):
+                symbol, price = str(event.data.get("symbol")), event.data.get(field)
+                known = marks.get(symbol)
+                if known is not None and isinstance(price, Decimal) and price > 0:
+                    marks[symbol] = max(known, (event.timestamp, price))
+        for symbol, (timestamp_ns, price) in marks.items():
+            self.portfolio.mark(symbol, price, timestamp_ns)
         self.rebuilt_fills = applied
         log.info("portfolio rebuilt from %d fills: equity %s", applied, self.portfolio.equity)
         self._update_metrics()
