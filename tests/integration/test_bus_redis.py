@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import BusyLoadingError, DataError
+from redis.exceptions import BusyLoadingError, DataError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from hean.core.bus import (
@@ -26,6 +26,8 @@ from hean.core.bus import (
     HeldEvent,
     RedisBusConfig,
     RedisStreamsTransport,
+    _confined_replies,
+    _transaction,
     consumer_client_name,
     worker_lane,
 )
@@ -1278,6 +1280,84 @@ async def test_bus_writes_on_ack_of_one_key_land_in_the_order_they_were_made(
     await eventually(both_acked, timeout=10)
     await strategy.flush(5)
     assert await redis_client.hget("hean:test:state", "BTC/USDT") == b"2"
+
+
+async def test_bus_malformed_write_on_ack_dead_letters_its_event_alone(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
+) -> None:
+    """Tick 3's handler saves its state with a malformed command (HSET without a value).
+    Redis refuses it as it is queued, which discards the whole MULTI/EXEC it rides in: the
+    other ticks' writes, acks and outputs sent with it must still land, and tick 3 goes to
+    the dead-letter stream with the reason instead of being acked as handled."""
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
+    for i in (1, 2, 3, 4):
+        await publisher.publish(tick(i))
+    await publisher.flush(5)
+    strategy = make_bus(redis_url, "strategy")
+    handled: list[int] = []
+
+    async def on_tick(event: Event) -> None:
+        seq = event.data["seq"]
+        handled.append(seq)
+        if seq == 1:
+            # Redis holds writes for 0.3 s: tick 1's output waits for its reply, and the
+            # writes of ticks 2-4 (same key: they land after tick 1's) go out together.
+            await redis_client.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+        if seq in (1, 2):
+            await strategy.publish(
+                Event(
+                    event_type=EventType.SIGNAL,
+                    data={"symbol": "BTC/USDT", "side": "BUY", "seq": seq},
+                )
+            )
+        if seq == 3:
+            strategy.write_on_ack("HSET", "hean:test:state", "t3")
+        else:
+            strategy.write_on_ack("HSET", "hean:test:state", f"t{seq}", seq)
+
+    strategy.subscribe(EventType.TICK, on_tick)
+    await started(strategy, buses)
+
+    async def settled() -> bool:
+        pending: Any = await redis_client.xpending(TICKS, "strategy")
+        return handled == [1, 2, 3, 4] and pending["pending"] == 0
+
+    await eventually(settled, timeout=10)
+    await strategy.flush(5)
+    state = await redis_client.hgetall("hean:test:state")
+    assert state == {b"t1": b"1", b"t2": b"2", b"t4": b"4"}
+    signals: Any = await redis_client.xrange(stream_key(EventType.SIGNAL))
+    assert [Event.from_json(f[EVENT_FIELD]).data["seq"] for _, f in signals] == [1, 2]
+    dead: Any = await redis_client.xrange(DLQ_STREAM)
+    ((_, fields),) = dead
+    assert Event.from_json(fields[b"payload"]).data["seq"] == 3
+    assert b"HSET" in fields[b"error"] and b"wrong number of arguments" in fields[b"error"]
+    assert strategy.health().state == BusState.HEALTHY
+
+
+async def test_bus_transaction_discarded_for_malformed_commands_runs_the_rest(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """Redis discards a MULTI/EXEC with a command it refuses as it is queued: the rest is
+    sent again and each command gets its own reply, the malformed ones their error."""
+    conn = RespConnection(redis_url)
+    commands: list[tuple[Any, ...]] = [
+        ("XADD", "hean:test:s", "*", "event", "1"),
+        ("HSET", "hean:test:h", "a"),  # no value
+        ("HSET", "hean:test:h", "b", "2"),
+        ("NOSUCHCOMMAND", "x"),
+        ("INCR", "hean:test:n"),
+    ]
+    try:
+        raw = await conn.execute(_transaction(commands), raise_on_error=False)
+        replies = await _confined_replies(conn, commands, raw)
+    finally:
+        await conn.aclose()
+    assert isinstance(replies[1], ResponseError) and "wrong number" in str(replies[1])
+    assert isinstance(replies[3], ResponseError) and "unknown command" in str(replies[3])
+    assert replies[2] == 1 and replies[4] == 1
+    assert await redis_client.xlen("hean:test:s") == 1  # once: the first EXEC ran nothing
+    assert await redis_client.hgetall("hean:test:h") == {b"b": b"2"}
 
 
 async def test_bus_handler_failing_on_redis_refusing_writes_for_now_waits_in_place(

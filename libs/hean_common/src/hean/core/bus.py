@@ -693,7 +693,8 @@ class _AckBatch:
     a later pipeline, once Redis has taken the writes."""
 
     acks: dict[str, list[str]]
-    commands: list[tuple[Any, ...]]
+    #: Each write with the delivery that made it (dead-lettered if Redis refuses it).
+    commands: list[tuple[Delivery, tuple[Any, ...]]]
     after: dict[str, list[str]]
 
     @property
@@ -736,6 +737,36 @@ def _transaction_replies(raw: list[Any]) -> list[Any]:
         return executed
     refused = next((r for r in raw[1:-1] if isinstance(r, Exception)), executed)
     return [refused] * (len(raw) - 2)
+
+
+def _malformed_in(raw: list[Any]) -> set[int]:
+    """Indexes of the commands of a discarded `_transaction` that Redis refused as they were
+    queued for what they are (an unknown command, a wrong number of arguments), not for now
+    (`refused_for_now`): sending them again cannot help."""
+    if isinstance(raw[-1], list):
+        return set()
+    return {
+        i
+        for i, reply in enumerate(raw[1:-1])
+        if isinstance(reply, Exception) and not refused_for_now(reply)
+    }
+
+
+async def _confined_replies(
+    conn: RespConnection, commands: list[tuple[Any, ...]], raw: list[Any]
+) -> list[Any]:
+    """The replies of `_transaction(commands)` from its raw replies; where Redis discarded
+    it for malformed commands (`_malformed_in`), the others are sent again in a transaction
+    of their own, so a malformed command fails alone, not the events and acks beside it."""
+    malformed = _malformed_in(raw)
+    if not malformed:
+        return _transaction_replies(raw)
+    rest = [command for i, command in enumerate(commands) if i not in malformed]
+    replies = iter(())
+    if rest:
+        resent = await conn.execute(_transaction(rest), raise_on_error=False)
+        replies = iter(await _confined_replies(conn, rest, resent))
+    return [raw[1 + i] if i in malformed else next(replies) for i in range(len(commands))]
 
 
 def _flatten(commands: Commands) -> list[Any]:
@@ -827,13 +858,17 @@ class RedisStreamsTransport(Transport):
         self._outbox_wakeup = asyncio.Event()
         #: The outbox batch Redis is answering: its items (still at the outbox's front),
         #: the acks sent with it, its replies.
-        self._writing: tuple[list[_Outgoing], _AckBatch, PendingReplies] | None = None
+        #: The outbox batch being written: its events, acks, commands and their replies.
+        self._writing: (
+            tuple[list[_Outgoing], _AckBatch, list[tuple[Any, ...]], PendingReplies] | None
+        ) = None
         self._acks: dict[str, list[str]] = {}
         self._ack_wakeup = asyncio.Event()
         self._acks_queued = 0  # acks handed to the ack loop so far
         self._acks_sent = 0  # of those, how many Redis has answered for
         self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._ack_commands: list[tuple[Any, ...]] = []  # EventBus.write_on_ack, in order
+        #: EventBus.write_on_ack, in order, each with the delivery that made it.
+        self._ack_commands: list[tuple[Delivery, tuple[Any, ...]]] = []
         #: Entries whose writes are in `_ack_commands`: acked once Redis has taken them.
         self._acks_after: dict[str, list[str]] = {}
         #: Per partition key, the deliveries that wrote on ack, in the order they first
@@ -1118,11 +1153,12 @@ class RedisStreamsTransport(Transport):
             return False
         batch = [self._outbox[i] for i in range(min(500, len(self._outbox)))]
         acks = self._take_acks()
-        pending = conn.send_nowait(_transaction(self._outbox_commands(batch, acks)))
+        commands = self._outbox_commands(batch, acks)
+        pending = conn.send_nowait(_transaction(commands))
         if pending is None:
             self._requeue_acks(acks)
             return False
-        self._writing = (batch, acks, pending)
+        self._writing = (batch, acks, commands, pending)
         if not self._outbox_wakeup.is_set():
             self._outbox_wakeup.set()  # the flush loop waits for the replies
         return True
@@ -1157,10 +1193,12 @@ class RedisStreamsTransport(Transport):
                 if not self._write_outbox():
                     continue  # lost again already: the next turn connects again
             assert self._writing is not None
-            batch, acks, pending = self._writing
+            batch, acks, commands, pending = self._writing
             try:
                 async with asyncio.timeout(WRITE_TIMEOUT_S):
-                    replies = iter(_transaction_replies(await pending.wait(raise_on_error=False)))
+                    raw = await pending.wait(raise_on_error=False)
+                    assert self._outbox_conn is not None
+                    replies = iter(await _confined_replies(self._outbox_conn, commands, raw))
             except _REDIS_DOWN as exc:
                 self._writing = None
                 self._set_connected(False, exc)
@@ -1638,7 +1676,7 @@ class RedisStreamsTransport(Transport):
         while queue and queue[0].finished is not None:
             delivery = queue.popleft()
             if delivery.finished:
-                self._ack_commands.extend(delivery.ack_commands)
+                self._ack_commands.extend((delivery, c) for c in delivery.ack_commands)
                 self._acks_after.setdefault(delivery.stream, []).append(delivery.entry_id)
                 self._acks_queued += 1
                 self._ack_wakeup.set()
@@ -1762,11 +1800,9 @@ class RedisStreamsTransport(Transport):
             try:
                 assert self._ack_conn is not None
                 async with asyncio.timeout(WRITE_TIMEOUT_S):
-                    replies = _transaction_replies(
-                        await self._ack_conn.execute(
-                            _transaction(self._ack_commands_of(batch)), raise_on_error=False
-                        )
-                    )
+                    commands = self._ack_commands_of(batch)
+                    raw = await self._ack_conn.execute(_transaction(commands), raise_on_error=False)
+                    replies = await _confined_replies(self._ack_conn, commands, raw)
             except _REDIS_DOWN as exc:
                 self._set_connected(False, exc)
                 self._requeue_acks(batch)
@@ -1793,7 +1829,7 @@ class RedisStreamsTransport(Transport):
         Redis took in an earlier pipeline (or that have none). Not a write and its own
         XACK in one pipeline: Redis takes an XACK even while it refuses writes for now
         (out of memory), which would ack an entry whose write it refused."""
-        commands = list(batch.commands)
+        commands = [command for _, command in batch.commands]
         for stream, ids in batch.acks.items():
             if ids:
                 commands.append(("XACK", stream, self.config.group, *ids))
@@ -1816,14 +1852,46 @@ class RedisStreamsTransport(Transport):
             if isinstance(reply, Exception) and refused_for_now(reply):
                 self._requeue_acks(batch)
                 return reply
-        for reply in replies:
-            if isinstance(reply, Exception):  # a resend cannot help
-                log.error("Redis refused a command sent with acks: %s", reply)
+        refused: dict[tuple[str, str], tuple[Delivery, str]] = {}
+        for (delivery, command), reply in zip(batch.commands, replies, strict=False):
+            if isinstance(reply, Exception):  # a resend cannot help: the handling failed
+                # The command's name only: its arguments may hold anything.
+                error = f"Redis refused a write of its handling ({command[0]}): {reply}"
+                log.error(
+                    "%s %s: %s", delivery.event.event_type.value, delivery.event.event_id, error
+                )
+                refused.setdefault((delivery.stream, delivery.entry_id), (delivery, error))
+        for reply in replies[len(batch.commands) :]:
+            if isinstance(reply, Exception):
+                log.error("Redis refused an XACK: %s", reply)
         for stream, ids in batch.after.items():
-            self._acks.setdefault(stream, []).extend(ids)
+            self._acks.setdefault(stream, []).extend(
+                entry_id for entry_id in ids if (stream, entry_id) not in refused
+            )
+        for delivery, reply in refused.values():
+            task = asyncio.create_task(self._dead_letter_refused_write(delivery, reply))
+            self._retry_tasks.add(task)
+            task.add_done_callback(self._retry_tasks.discard)
         self._acks_sent += sum(len(ids) for ids in batch.acks.values())
         self._ack_waiters = _wake(self._ack_waiters, self._acks_sent)
         return None
+
+    async def _dead_letter_refused_write(self, delivery: Delivery, error: str) -> None:
+        """A handler's `write_on_ack` that Redis refused for what it is (not for now): its
+        event goes to the dead-letter stream with the reason instead of being acked as
+        handled. Counted as its ack for `flush`."""
+        try:
+            await self._dead_letter(
+                delivery.stream,
+                delivery.entry_id,
+                delivery.raw,
+                delivery.deliveries,
+                error,
+                event_type=delivery.event.event_type,
+            )
+        finally:
+            self._acks_sent += 1
+            self._ack_waiters = _wake(self._ack_waiters, self._acks_sent)
 
     async def _claim_loop(self) -> None:
         interval = self.config.claim_interval_ms / 1000
@@ -2259,11 +2327,13 @@ class EventBus:
 
     def write_on_ack(self, *command: Any) -> None:
         """Inside a handler: send the Redis `command` (`"HSET", key, field, value`) with
-        this event's ack, in the same pipeline and just before the XACK, once everything
-        the handler published is in Redis. A crash before that loses neither half: the
-        event is redelivered and the write was not made. A handler that raises has its
-        writes dropped. The write must be idempotent (the pipeline may be sent again after
-        a lost connection). Costs no round trip of its own. The Redis transport only."""
+        this event's ack, once everything the handler published is in Redis: the write in
+        one pipeline, the XACK in the next, once Redis has taken the write. A crash before
+        that loses neither half: the event is redelivered and the write was not made. A
+        handler that raises has its writes dropped; a write Redis refuses for what it is
+        (malformed) sends the event to the dead-letter stream with the reason instead of
+        acking it. The write must be idempotent (the pipeline may be sent again after a
+        lost connection). Costs no round trip of its own. The Redis transport only."""
         self.transport.write_on_ack(command)
 
     def publish_nowait(self, event: Event, *, then: Commands = ()) -> asyncio.Future[str]:
