@@ -535,6 +535,28 @@ async def test_bus_exclusive_consumer_at_start_handles_predecessor_pending_befor
     assert seen == list(range(10)), "the predecessor's entries were not handled first"
 
 
+@pytest.mark.parametrize("exclusive", [True, False])
+async def test_bus_subscription_made_after_start_handles_predecessor_pending_before_new(
+    redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus], exclusive: bool
+) -> None:
+    """A component that subscribes once the bus runs (the orchestrator starts it again
+    when Redis refused its first start): its stream's pending entries, left by the
+    process before, are handled before its new ones, as at start, not after
+    `claim_idle_ms`."""
+    await _strand(redis_url, redis_client, buses, "auditor:replica-1", 5)
+    bus = make_bus(
+        redis_url, "auditor", "auditor:replica-1", exclusive=exclusive, claim_idle_ms=600_000
+    )
+    bus.subscribe(EventType.SIGNAL, lambda e: None)  # the component that started at once
+    await started(bus, buses)
+    await asyncio.sleep(0.3)  # reading SIGNAL: its start is over
+    seen: list[int] = []
+    bus.subscribe(EventType.TICK, lambda e: seen.append(e.data["seq"]))
+    await eventually(lambda: len(seen) == 10, message="every tick")
+    assert seen == list(range(10)), "the predecessor's entries were not handled first"
+    await eventually(lambda: _group_pending_in(redis_client, "auditor", 0), message="acked")
+
+
 @pytest.mark.parametrize(
     "successor",
     [

@@ -888,7 +888,9 @@ class RedisStreamsTransport(Transport):
         self._tasks: list[asyncio.Task[None]] = []
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._running = False
-        self._recovered_at_start = False
+        #: Types whose streams' pending entries were handled before any new one was read
+        #: (`_recover`): at start, or when a component subscribes later.
+        self._recovered: set[EventType] = set()
         self._topology_ready = False
         self._stopping = asyncio.Event()
         self._connected = False
@@ -936,7 +938,7 @@ class RedisStreamsTransport(Transport):
         self._reader = RespConnection(self.config.url, name=self._client_name)
         self._conflated_reader = RespConnection(self.config.url, name=self._client_name)
         self._running = True
-        self._recovered_at_start = False
+        self._recovered = set()
         self._topology_ready = not self.config.ensure_topology
         self._stopping.clear()
         try:
@@ -1322,9 +1324,10 @@ class RedisStreamsTransport(Transport):
         read_timeout = self.config.block_ms / 1000 + READ_TIMEOUT_S
         while self._running:
             event_types = self.dispatcher.event_types
+            unrecovered = [t for t in event_types if t not in self._recovered]
             conflated = set(self.dispatcher.conflated_types)
             plain = [t for t in event_types if t not in conflated]
-            if not event_types or (self._recovered_at_start and not plain):
+            if not unrecovered and not plain:
                 self._subscribed_wakeup.clear()
                 await self._subscribed_wakeup.wait()
                 continue
@@ -1334,8 +1337,8 @@ class RedisStreamsTransport(Transport):
                 continue
             try:
                 await self._ensure_groups()
-                if not self._recovered_at_start:
-                    await self._recover_at_start()
+                if unrecovered:
+                    await self._recover(unrecovered)
                     continue
                 if self._reread_plain:
                     # A reply lost with the connection leaves its entries pending for us,
@@ -1392,8 +1395,8 @@ class RedisStreamsTransport(Transport):
         while self._running:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.config.conflate_interval_s)
-            if not self._running or not self._recovered_at_start:
-                continue
+            if self._stopping.is_set():
+                return
             try:
                 await self._read_conflated()
             except (ResponseError, *_REDIS_DOWN) as exc:
@@ -1423,7 +1426,7 @@ class RedisStreamsTransport(Transport):
 
     async def _read_conflated(self) -> None:
         """Take everything the conflated subscriptions have waiting, newest per key."""
-        types = self.dispatcher.conflated_types
+        types = [t for t in self.dispatcher.conflated_types if t in self._recovered]
         if not types:
             return
         async with self._conflate_lock:  # one reader at a time: marks never go backwards
@@ -2145,13 +2148,15 @@ class RedisStreamsTransport(Transport):
             self._capacity.clear()
             await self._capacity.wait()
 
-    async def _recover_at_start(self) -> None:
-        """Before reading anything new, handle what this group left unacked: an exclusive
-        consumer (the only one of its service) takes over every pending entry, whoever
-        held it, since its holder was a predecessor that died; any consumer handles its own.
-        New events wait, so a restart keeps per-stream order (ADR 0002)."""
+    async def _recover(self, event_types: list[EventType]) -> None:
+        """Before reading anything new of `event_types` (all at start; one a component
+        subscribes to later, when Redis let it start only then), handle what this group
+        left unacked: an exclusive consumer (the only one of its service) takes over every
+        pending entry, whoever held it, since its holder was a predecessor that died; any
+        consumer handles its own. New events wait, so a restart keeps per-stream order
+        (ADR 0002)."""
         names = None if self.config.exclusive else await self._client_names()
-        for event_type in self.dispatcher.event_types:
+        for event_type in event_types:
             stream = stream_key(event_type)
             if self.config.exclusive:
                 await self._reclaim(stream, min_idle_ms=0)
@@ -2162,7 +2167,7 @@ class RedisStreamsTransport(Transport):
                     _, deleted = await self._claim_from(stream, consumer, justid=True)
                     await self._take_over(stream, [], deleted)
                 await self._read_own_pending(stream)
-        self._recovered_at_start = True
+            self._recovered.add(event_type)
 
     async def _report_group(self, stream: str) -> None:
         """Our group's backlog on `stream` as metrics: lag (not yet delivered to anyone in
