@@ -101,17 +101,6 @@ def test_portfolio_mark_of_unheld_symbol_changes_nothing():
     assert p.equity == D(10000)
 
 
-def test_portfolio_mark_older_than_the_one_in_place_is_ignored():
-    p = Portfolio(D(10000))
-    p.apply_fill(fill("BUY", "1", "100", fid="a"))
-    assert p.mark("BTC", D(120), timestamp_ns=2_000)
-    assert not p.mark("BTC", D(90), timestamp_ns=1_000)  # a late tick from another stream
-    assert p.positions["BTC"].mark_price == D(120)
-    assert p.unrealized_pnl == D(20)
-    assert p.mark("BTC", D(130), timestamp_ns=2_000)  # same time: the later call wins
-    assert p.positions["BTC"].mark_price == D(130)
-
-
 def test_portfolio_drawdown_tracks_peak_equity():
     p = Portfolio(D(1000))
     p.apply_fill(fill("BUY", "1", "100", fid="a"))

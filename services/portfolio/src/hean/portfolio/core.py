@@ -81,7 +81,6 @@ class Position:
     realized_pnl: Decimal = ZERO
     fees: Decimal = ZERO
     mark_price: Decimal | None = None
-    mark_ns: int = 0  # event time of the mark; 0 while it is a fill's price
 
     @property
     def average_entry_price(self) -> Decimal:
@@ -272,18 +271,14 @@ class Portfolio:
             pos.cost_basis = _CONTEXT.multiply(abs(pos.qty), fill.price)
 
     def mark(self, symbol: str, price: Decimal, timestamp_ns: int = 0) -> bool:
-        """Mark `symbol` at `price`. True if an open position's value changed.
-
-        A mark older than the one in place is ignored: ticks and candles are read from
-        separate streams, and a late or redelivered one must not undo a newer price."""
+        """Mark `symbol` at `price`. True if an open position's value changed."""
         if not price.is_finite() or price <= 0:
             raise ValueError(f"mark price must be > 0, got {price}")
         pos = self.positions.get(symbol)
-        if pos is None or timestamp_ns < pos.mark_ns:
+        if pos is None:
             return False
         changed = pos.mark_price != price and pos.qty != 0
         pos.mark_price = price
-        pos.mark_ns = timestamp_ns
         self.last_update_ns = max(self.last_update_ns, timestamp_ns)
         if changed:
             self._track_equity()
