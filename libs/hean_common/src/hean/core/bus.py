@@ -857,8 +857,7 @@ class RedisStreamsTransport(Transport):
         self._settled.set()
         self._outbox_wakeup = asyncio.Event()
         #: The outbox batch Redis is answering: its items (still at the outbox's front),
-        #: the acks sent with it, its replies.
-        #: The outbox batch being written: its events, acks, commands and their replies.
+        #: the acks sent with it, the commands sent (for `_confined_replies`), its replies.
         self._writing: (
             tuple[list[_Outgoing], _AckBatch, list[tuple[Any, ...]], PendingReplies] | None
         ) = None
