@@ -1266,6 +1266,15 @@ async def test_bus_handler_writes_redis_refuses_for_now_wait_and_the_input_stays
         await client.aclose()
 
 
+async def _strategy_after_ticks(redis_url: str, buses: list[EventBus], count: int) -> EventBus:
+    """Ticks 1..`count` of one symbol in Redis, and a "strategy" bus, not started yet."""
+    publisher = await started(make_bus(redis_url, "market-data"), buses)
+    for i in range(1, count + 1):
+        await publisher.publish(tick(i))
+    await publisher.flush(5)
+    return make_bus(redis_url, "strategy")
+
+
 async def test_bus_writes_on_ack_of_one_key_land_in_the_order_they_were_made(
     redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
 ) -> None:
@@ -1273,11 +1282,7 @@ async def test_bus_writes_on_ack_of_one_key_land_in_the_order_they_were_made(
     its ack; tick 2's publishes nothing and saves its state, so it is acked first. Its
     state write must still land after tick 1's, or Redis would keep the older state of a
     symbol whose newer input is acked (a restart would resume from it)."""
-    publisher = await started(make_bus(redis_url, "market-data"), buses)
-    for i in (1, 2):
-        await publisher.publish(tick(i))
-    await publisher.flush(5)
-    strategy = make_bus(redis_url, "strategy")
+    strategy = await _strategy_after_ticks(redis_url, buses, 2)
     handled: list[int] = []
 
     async def on_tick(event: Event) -> None:
@@ -1311,11 +1316,7 @@ async def test_bus_malformed_write_on_ack_dead_letters_its_event_alone(
     Redis refuses it as it is queued, which discards the whole MULTI/EXEC it rides in: the
     other ticks' writes, acks and outputs sent with it must still land, and tick 3 goes to
     the dead-letter stream with the reason instead of being acked as handled."""
-    publisher = await started(make_bus(redis_url, "market-data"), buses)
-    for i in (1, 2, 3, 4):
-        await publisher.publish(tick(i))
-    await publisher.flush(5)
-    strategy = make_bus(redis_url, "strategy")
+    strategy = await _strategy_after_ticks(redis_url, buses, 4)
     handled: list[int] = []
 
     async def on_tick(event: Event) -> None:
