@@ -48,12 +48,12 @@ from hean.core.candles import (
     validate_candle_rows,
 )
 from hean.core.errors import QueueFullError
-from hean.core.event_streams import as_str, decode_entry, stream_key
+from hean.core.event_streams import as_str, newest_events, stream_key
 from hean.core.features import WARMUP_BARS
 from hean.core.metrics import Metrics
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, ExchangeSettings
-from hean.core.types import Event, EventType, InvalidEventError
+from hean.core.types import Event, EventType
 from hean.market_data.core import (
     BarTracker,
     Gap,
@@ -342,14 +342,8 @@ def redis_resume_probe(client: aioredis.Redis, count: int = 2000) -> ResumeProbe
     """The newest CANDLE time per symbol already in Redis (from the stream's tail)."""
 
     async def newest() -> dict[str, int]:
-        key = stream_key(EventType.CANDLE)
-        entries: Any = await client.xrevrange(key, count=count)
         found: dict[str, int] = {}
-        for _entry_id, fields in entries:
-            try:
-                event = decode_entry(key, fields)
-            except InvalidEventError:
-                continue
+        for event in reversed(await newest_events(client, EventType.CANDLE, count)):
             symbol, timestamp = str(event.data["symbol"]), event.data.get("timestamp")
             if timestamp is not None and symbol not in found:
                 found[symbol] = int(timestamp)
