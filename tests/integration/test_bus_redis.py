@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError, DataError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+import hean.core.bus as bus_module
 from hean.core.bus import (
     BusState,
     EventBus,
@@ -1273,6 +1274,47 @@ async def _strategy_after_ticks(redis_url: str, buses: list[EventBus], count: in
         await publisher.publish(tick(i))
     await publisher.flush(5)
     return make_bus(redis_url, "strategy")
+
+
+async def test_bus_acks_ride_with_the_next_output_and_flush_sends_them_at_once(
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    buses: list[EventBus],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handled event's ack waits (up to ACK_LINGER_S, here made 60 s) for an outbox
+    write to carry it, instead of a pipeline of its own; `flush` does not wait for that."""
+    monkeypatch.setattr(bus_module, "ACK_LINGER_S", 60.0)
+    strategy = await _strategy_after_ticks(redis_url, buses, 1)
+    handled: list[int] = []
+
+    async def on_tick(event: Event) -> None:
+        handled.append(event.data["seq"])
+        if event.data["seq"] == 2:
+            await strategy.publish(
+                Event(event_type=EventType.SIGNAL, data={"symbol": "BTC/USDT", "side": "BUY"})
+            )
+
+    strategy.subscribe(EventType.TICK, on_tick)
+    await started(strategy, buses)
+    await eventually(lambda: handled == [1], message="tick 1 handled")
+    await asyncio.sleep(0.3)
+    assert await _group_pending_in(redis_client, "strategy", 1), "tick 1's ack did not wait"
+    publisher = await started(make_bus(redis_url, "market-data", "market-data-2"), buses)
+    await publisher.publish(tick(2))
+    await publisher.flush(5)
+    entries: Any = await redis_client.xrange(TICKS)
+    tick_2 = entries[1][0]
+
+    async def only_tick_2_pending() -> bool:
+        pending: Any = await redis_client.xpending_range(TICKS, "strategy", "-", "+", 10)
+        return handled == [1, 2] and [p["message_id"] for p in pending] == [tick_2]
+
+    # Tick 2's SIGNAL carries tick 1's ack; tick 2's own then waits for the next output.
+    await eventually(only_tick_2_pending, message="tick 1 acked with tick 2's output")
+    assert await redis_client.xlen(stream_key(EventType.SIGNAL)) == 1
+    await strategy.flush(5)  # no 60 s wait
+    assert await _group_pending_in(redis_client, "strategy", 0)
 
 
 async def test_bus_writes_on_ack_of_one_key_land_in_the_order_they_were_made(

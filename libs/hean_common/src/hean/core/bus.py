@@ -611,6 +611,8 @@ while i <= #ARGV do
 end
 return id
 """
+#: Seconds handled events' acks wait for an outbox write to carry them (see _ack_loop).
+ACK_LINGER_S = 0.02
 #: Seconds an outbox or ack pipeline may take before its connection counts as lost.
 WRITE_TIMEOUT_S = 5.0
 #: How long a read may take beyond its BLOCK time before the connection counts as lost.
@@ -863,6 +865,7 @@ class RedisStreamsTransport(Transport):
         ) = None
         self._acks: dict[str, list[str]] = {}
         self._ack_wakeup = asyncio.Event()
+        self._ack_urgent = asyncio.Event()  # flush() waits: no lingering (_ack_loop)
         self._acks_queued = 0  # acks handed to the ack loop so far
         self._acks_sent = 0  # of those, how many Redis has answered for
         self._ack_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -1311,6 +1314,7 @@ class RedisStreamsTransport(Transport):
                 waiter = loop.create_future()
                 self._ack_waiters.append((acks, waiter))
                 self._ack_wakeup.set()
+                self._ack_urgent.set()
                 await waiter
 
         await asyncio.wait_for(drained(), timeout)
@@ -1791,13 +1795,24 @@ class RedisStreamsTransport(Transport):
     async def _ack_loop(self) -> None:
         backoff = Backoff(maximum=self.config.reconnect_max_s)
         refusals = Backoff(maximum=self.config.reconnect_max_s)
+        lingered = False
         while True:
             if not (any(self._acks.values()) or self._ack_commands) or self._outbox:
                 # Nothing to ack, or events are about to be flushed: the acks go with them
                 # (the flush loop wakes us if it leaves any behind).
+                lingered = False
                 self._ack_wakeup.clear()
                 await self._ack_wakeup.wait()
                 continue
+            if not lingered and not self._ack_waiters:
+                # An output written meanwhile carries them: one pipeline instead of two
+                # per handled event, for this process and for Redis (flush() cuts it short).
+                lingered = True
+                self._ack_urgent.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ack_urgent.wait(), ACK_LINGER_S)
+                continue
+            lingered = False
             batch = self._take_acks()
             try:
                 assert self._ack_conn is not None
