@@ -888,6 +888,8 @@ class RedisStreamsTransport(Transport):
         self._groups_ready: set[str] = set()
         self._workers = _Workers(config.worker_count, self._handle, "redis")
         self._tasks: list[asyncio.Task[None]] = []
+        #: Tasks that outlive the handling they came from (a retry later, a dead letter for
+        #: a refused write): awaited or cancelled at stop.
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._running = False
         #: Types whose streams' pending entries were handled before any new one was read
@@ -1584,14 +1586,7 @@ class RedisStreamsTransport(Transport):
             self._forget_writes(delivery)
             delivery.last_error = _describe_failures(failures)
             if delivery.deliveries >= self.config.max_deliveries or _permanent(failures):
-                await self._dead_letter(
-                    delivery.stream,
-                    delivery.entry_id,
-                    delivery.raw,
-                    delivery.deliveries,
-                    delivery.last_error,
-                    event_type=delivery.event.event_type,
-                )
+                await self._dead_letter_delivery(delivery, delivery.last_error)
                 self._finish(delivery)
             else:
                 task = asyncio.create_task(self._retry_later(delivery))
@@ -1743,6 +1738,17 @@ class RedisStreamsTransport(Transport):
         raw = (fields or {}).get(EVENT_FIELD) or repr(fields).encode()
         await self._dead_letter(
             stream, entry_id, raw[:MAX_DEAD_PAYLOAD_BYTES], deliveries, f"malformed: {error}"
+        )
+
+    async def _dead_letter_delivery(self, delivery: Delivery, error: str) -> None:
+        """Dead-letter an event being handled here, with `error` as its reason."""
+        await self._dead_letter(
+            delivery.stream,
+            delivery.entry_id,
+            delivery.raw,
+            delivery.deliveries,
+            error,
+            event_type=delivery.event.event_type,
         )
 
     async def _dead_letter(
@@ -1898,14 +1904,7 @@ class RedisStreamsTransport(Transport):
         event goes to the dead-letter stream with the reason instead of being acked as
         handled. Counted as its ack for `flush`."""
         try:
-            await self._dead_letter(
-                delivery.stream,
-                delivery.entry_id,
-                delivery.raw,
-                delivery.deliveries,
-                error,
-                event_type=delivery.event.event_type,
-            )
+            await self._dead_letter_delivery(delivery, error)
         finally:
             self._acks_sent += 1
             self._ack_waiters = _wake(self._ack_waiters, self._acks_sent)

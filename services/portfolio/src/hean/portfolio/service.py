@@ -103,9 +103,8 @@ class PortfolioService:
                 continue
             if self.portfolio.apply_fill(fill):
                 applied += 1
-                marks[fill.symbol] = max(
-                    marks.get(fill.symbol, (-1, fill.price)), (fill.timestamp_ns, fill.price)
-                )
+                traded = (fill.timestamp_ns, fill.price)
+                marks[fill.symbol] = max(marks.get(fill.symbol, traded), traded)
         for event_type, field in ((EventType.CANDLE, "close"), (EventType.TICK, "price")):
             for event in await newest_events(self.history.client, event_type, MARK_SCAN):
                 symbol, price = str(event.data.get("symbol")), event.data.get(field)
