@@ -10,6 +10,7 @@ from hean.core.bus import EventBus
 from hean.core.errors import TransientError
 from hean.core.settings import SettingsError, load_settings
 from hean.core.types import Event, EventType
+from hean.execution import service as service_module
 from hean.execution.exchange import ChildOrder, MarketRules, PlaceResult
 from hean.execution.ledger import MemoryLedger
 from hean.execution.paper import PaperConfig, PaperExchange
@@ -91,6 +92,23 @@ async def test_execution_twap_children_follow_market_time():
     assert len(seen[EventType.ORDER_PLACED]) == 2
     assert sum(f.data["filled_qty"] for f in seen[EventType.ORDER_FILLED]) == D(1)
     assert svc.parents == {}
+    await bus.stop()
+
+
+async def test_finished_orders_past_the_memory_take_only_their_own_children_along(monkeypatch):
+    monkeypatch.setattr(service_module, "FINISHED_MEMORY", 2)
+    bus, svc, seen = await _wired()
+    await bus.publish(approved("twap", size="1", type="twap", slices=2, duration_s=10, t_s=1))
+    await bus.flush(5)
+    await tick(bus, "102", 6)  # the second slice: two children, both filled
+    for order_id in ("m1", "m2"):
+        await bus.publish(approved(order_id, size="1", t_s=7))
+        await bus.flush(5)
+    assert len(seen[EventType.ORDER_FILLED]) == 4
+    # Three finished, two remembered: the oldest is forgotten with both its children, and
+    # the others' children still map to their orders (a late fill is still reported).
+    assert list(svc._finished) == ["m1", "m2"]
+    assert svc._child_parent == {"m1-1": "m1", "m2-1": "m2"}
     await bus.stop()
 
 

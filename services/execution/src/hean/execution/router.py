@@ -130,9 +130,19 @@ class ParentOrder:
         if self.display_qty is None:
             self.next_slice -= 1
 
+    def client_order_id(self, n: int) -> str:
+        """The client order id of this order's `n`th child (1-based): derived from the order
+        id, so a redelivered approval can never place under a new one."""
+        return f"{self.order_id}-{n}"
+
+    def sent_client_ids(self) -> list[str]:
+        """The client ids of every child the venue got (a child it never got is unsent and
+        its number used again)."""
+        return [self.client_order_id(n) for n in range(1, self.children_sent + 1)]
+
     def _child(self, qty: Decimal) -> ChildOrder:
         self.children_sent += 1
-        client_id = f"{self.order_id}-{self.children_sent}"
+        client_id = self.client_order_id(self.children_sent)
         self.sent_qty += qty
         self.open_children[client_id] = qty
         return ChildOrder(
