@@ -196,6 +196,12 @@ async def test_reload_changed_model_file_served_without_restart(
         await rig.bus.publish(rig.features(rows[0]))
         await rig.bus.flush(5)
         assert rig.predictions[-1].data["model_version"] == runner.model_version
+        in_use = {
+            sample.labels["model_version"]: sample.value
+            for metric in rig.service.m_model.collect()
+            for sample in metric.samples
+        }
+        assert in_use == {runner.model_version: 1.0}  # the old version's series is gone
 
         _replace(model_path, b"not a model")
         await eventually(

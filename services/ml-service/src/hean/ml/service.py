@@ -109,7 +109,7 @@ class MLService:
         self._reload_task: asyncio.Task[None] | None = None
         registry = metrics.registry if metrics is not None else None
         self.m_model = Gauge(
-            "hean_model_info", "1 for the model version in use", ["model_version"],
+            "hean_model_info", "1, for the model version in use only", ["model_version"],
             registry=registry,
         )  # fmt: skip
 
@@ -245,7 +245,9 @@ class MLService:
                 self.inline = False  # a new model proves itself in the thread first
                 self._fast_streak = 0
                 self.reloads += 1
-                self.m_model.labels(old).set(0)
+                # Only the model in use has a series: a retrained model every hour would
+                # otherwise leave thousands of zeros behind in a year.
+                self.m_model.remove(old)
                 self.m_model.labels(runner.model_version).set(1)
                 log.info("serving model %s (was %s)", runner.model_version, old)
 
