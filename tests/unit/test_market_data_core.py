@@ -17,7 +17,8 @@ from hean.market_data.core import (
 )
 
 D = Decimal
-MIN = 60_000_000_000
+SECOND = 1_000_000_000
+MIN = 60 * SECOND
 
 
 def candle(i: int, o: str = "100", h: str = "110", lo: str = "95", c: str = "105") -> Candle:
@@ -80,6 +81,24 @@ def test_bar_tracker_first_answer_publishes_closed_bars_in_order() -> None:
     assert [c.timestamp_ns for c in result.publish] == [0, MIN, 2 * MIN]
     assert result.forming is not None and result.forming.timestamp_ns == 3 * MIN
     assert result.gaps == ()
+
+
+def test_bar_tracker_newest_bar_just_ended_waits_for_a_newer_one_or_the_grace() -> None:
+    # The exchange's answer can lag the bar's last trades, and this clock can run ahead:
+    # a bar published the moment it ends by this clock alone could miss them for good.
+    tracker = BarTracker(MIN)
+    just_ended = tracker.accept("BTC", [candle(0), candle(1)], 2 * MIN + 3 * SECOND)
+    assert [c.timestamp_ns for c in just_ended.publish] == [0]
+    assert just_ended.forming is not None and just_ended.forming.timestamp_ns == MIN
+    tracker.commit("BTC", just_ended.publish)
+    # The exchange now shows the next bar: the one before it is closed on its word.
+    newer = tracker.accept("BTC", [candle(1), candle(2)], 2 * MIN + 4 * SECOND)
+    assert [c.timestamp_ns for c in newer.publish] == [MIN]
+    tracker.commit("BTC", newer.publish)
+    # Nothing newer shown (a quiet market): closed once the grace has passed.
+    quiet = tracker.accept("BTC", [candle(2)], 3 * MIN + 10 * SECOND)
+    assert [c.timestamp_ns for c in quiet.publish] == [2 * MIN]
+    assert quiet.forming is None
 
 
 def test_bar_tracker_overlapping_answer_drops_bars_already_published() -> None:

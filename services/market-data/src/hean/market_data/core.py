@@ -23,6 +23,10 @@ from decimal import Decimal
 from hean.core.candles import Candle
 
 NS_PER_SECOND = 1_000_000_000
+#: How long past its end a bar the exchange shows nothing newer after still counts as
+#: forming (at most half a bar): an exchange's REST answer can lag the bar's last trades,
+#: and the local clock can run ahead of the exchange's.
+CLOSE_GRACE_NS = 10 * NS_PER_SECOND
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 
@@ -132,9 +136,14 @@ class BarTracker:
     def accept(self, symbol: str, rows: Iterable[Candle], now_ns: int) -> TrackResult:
         """Decide which of `rows` (any order, may overlap earlier answers) to publish.
 
-        A bar is closed once `now_ns` has reached its end; the newest still-open bar is
-        returned as `forming` (its close is the latest traded price). Bars at or before the
-        last published one are counted in `already_seen` and dropped.
+        A bar is closed once the exchange shows a newer one (its clock has moved past it),
+        or, for the newest bar of the answer, once `now_ns` is `CLOSE_GRACE_NS` (at most
+        half a bar) past its end: a bar published at its end by the local clock alone
+        could miss its last trades (the exchange's answer lagging, or this clock ahead),
+        and the exchange's final version would then be dropped as already seen. The newest
+        bar not closed is returned as `forming` (its close is the latest traded price).
+        Bars at or before the last published one are counted in `already_seen` and
+        dropped.
         """
         ordered = sorted(rows, key=lambda c: c.timestamp_ns)
         last = self.last_bar_ns.get(symbol)
@@ -142,12 +151,14 @@ class BarTracker:
         gaps: list[Gap] = []
         seen = 0
         forming: Candle | None = None
-        for candle in ordered:
+        grace = min(CLOSE_GRACE_NS, self.bar_ns // 2)
+        for i, candle in enumerate(ordered):
             ts = candle.timestamp_ns
             if last is not None and ts <= last:
                 seen += 1
                 continue
-            if ts + self.bar_ns > now_ns:
+            newest = i == len(ordered) - 1
+            if ts + self.bar_ns > now_ns or (newest and ts + self.bar_ns + grace > now_ns):
                 forming = candle
                 break  # later rows cannot be closed either
             if last is not None and ts > last + self.bar_ns:
