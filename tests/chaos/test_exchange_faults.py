@@ -59,13 +59,11 @@ class Rig:
     bus: EventBus
     last_tick: float = 0.0
 
-    async def approve(self, order_id: str, size: str = "0.01") -> None:
-        await self.bus.publish(
-            Event(
-                event_type=EventType.ORDER_APPROVED,
-                data={"order_id": order_id, "symbol": SYMBOL, "side": "BUY", "size": size},
-            )
-        )
+    async def approve(self, order_id: str, size: str = "0.01", limit: str | None = None) -> None:
+        data = {"order_id": order_id, "symbol": SYMBOL, "side": "BUY", "size": size}
+        if limit is not None:
+            data |= {"type": "limit", "price": limit}
+        await self.bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
         await self.bus.flush(10)
 
     async def tick(self) -> None:
@@ -346,8 +344,16 @@ async def test_health_circuit_breaker_field_shows_the_exchange_breaker(
 
 @pytest.mark.timeout(120)
 async def test_outage_fill_polling_goes_through_the_breaker(rig: Rig, report: Report) -> None:
-    await rig.approve("x-before")
-    assert await rig.settle("x-before") == "filled"  # a traded symbol: polled on every tick
+    # A limit below the market rests: its symbol is polled for fills on every tick.
+    await rig.approve("x-resting", limit=str(rig.fake.price - 10))
+
+    async def placed() -> bool:
+        return any(
+            e.data["order_id"] == "x-resting"
+            for e in await events(rig.client, EventType.ORDER_PLACED)
+        )
+
+    await wait_for(placed, timeout=30, message="x-resting placed", system=rig.system)
     await wait_for(
         lambda: rig.drained(EventType.TICK), timeout=30, message="ticks done", system=rig.system
     )
@@ -367,7 +373,7 @@ async def test_outage_fill_polling_goes_through_the_breaker(rig: Rig, report: Re
     rig.fake.outage = False
     report.add(
         "Exchange faults",
-        f"Venue down with an order traded earlier (no approval in flight): {sent} TICKs in "
+        f"Venue down with a limit order resting (no approval in flight): {sent} TICKs in "
         f"3 s made execution call execution/list {polls} times (each poll is up to "
         "CCXT_RETRY_ATTEMPTS=3 requests, at most 4 polls/s, through the breaker); component "
         f"`{comp['state']}`, breaker `{comp['circuit_breaker']}`; {tick_state['pending']} "

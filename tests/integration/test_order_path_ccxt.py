@@ -3,7 +3,10 @@
 The fake venue implements the few v5 endpoints the adapter uses: instruments-info,
 order/create (market orders fill at once, limits rest), order/cancel, order/realtime and
 execution/list. It enforces unique orderLinkIds and the instrument's minimum quantity, and
-can be told to answer the next requests with HTTP 503 (a transient failure).
+can be told to answer the next requests with HTTP 503 (a transient failure). Its execution
+list answers as Bybit's does: newest first, 50 a page unless asked for up to 100, and from
+a start time only the seven days after it (a longer range is refused). Its clock can be
+moved ahead (`clock_offset_ms`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -29,6 +32,7 @@ from hean.execution.service import ExecutionService
 from tests.fakes.bybit_ws import INSTRUMENT, listed_orders
 
 D = Decimal
+WEEK_MS = 7 * 86_400_000
 
 
 @dataclass
@@ -39,6 +43,10 @@ class FakeBybit:
     executions: list[dict[str, Any]] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    clock_offset_ms: int = 0
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000) + self.clock_offset_ms
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
@@ -113,7 +121,7 @@ class FakeBybit:
                 "execQty": str(qty),
                 "execType": "Trade",
                 "execValue": str(qty * price),
-                "execTime": str(int(time.time() * 1000)),
+                "execTime": str(self.now_ms()),
                 "isMaker": maker,
                 "feeRate": "0.00055",
                 "closedSize": "0",
@@ -146,7 +154,21 @@ class FakeBybit:
         return _reply({"category": "linear", "list": listed, "nextPageCursor": ""})
 
     async def execution_list(self, request: web.Request) -> web.Response:
-        return _reply({"category": "linear", "list": list(reversed(self.executions))})
+        q = request.query
+        start = int(q["startTime"]) if "startTime" in q else None
+        end = int(q["endTime"]) if "endTime" in q else None
+        if start is None and end is None:
+            end = self.now_ms()
+        if start is None:
+            start = cast(int, end) - WEEK_MS
+        if end is None:
+            end = start + WEEK_MS
+        if end - start > WEEK_MS:
+            return _reply(None, code=10001, msg="The time range cannot exceed 7 days")
+        limit = min(int(q.get("limit", 50)), 100)
+        listed = [e for e in self.executions if start <= int(e["execTime"]) <= end]
+        listed.sort(key=lambda e: int(e["execTime"]), reverse=True)
+        return _reply({"category": "linear", "list": listed[:limit], "nextPageCursor": ""})
 
 
 def _reply(result: Any, code: int = 0, msg: str = "OK") -> web.Response:
@@ -270,6 +292,36 @@ async def test_ccxt_limit_rests_is_listed_open_and_cancelled(venue, exchange):
     await exchange.cancel("ord-6-1", time.time_ns())
     assert fake.orders["ord-6-1"]["orderStatus"] == "Cancelled"
     assert await exchange.open_client_order_ids() == []
+
+
+async def test_ccxt_fill_eight_quiet_days_after_the_last_one_is_still_seen(venue, exchange):
+    # A poll asks from where the last one ended; Bybit answers a start time with the seven
+    # days after it only. Left at the last fill, the start would hide every later fill.
+    fake, _ = venue
+    t0 = time.time_ns()
+    await exchange.place(child("q-1-1"), t0)
+    assert [f.client_order_id for f in await exchange.poll_fills(t0)] == ["q-1-1"]
+    await exchange.place(child("q-2-1", type_="limit", price="99.0"), t0)
+    fake.clock_offset_ms = 8 * 86_400_000  # nothing polled for eight days (execution down)
+    fake.fill_resting("q-2-1")
+    later = t0 + fake.clock_offset_ms * 1_000_000
+    assert [f.client_order_id for f in await exchange.poll_fills(later)] == ["q-2-1"]
+    assert await exchange.poll_fills(later) == []
+
+
+async def test_ccxt_fills_beyond_one_page_all_seen_once_and_filled_children_not_polled(
+    venue, exchange
+):
+    fake, _ = venue
+    now = time.time_ns()
+    for i in range(230):  # more than two pages of 100 (Bybit's default page is 50)
+        await exchange.place(child(f"p-{i}-1", qty="0.01"), now)
+    fills = await exchange.poll_fills(now)
+    assert sorted(f.client_order_id for f in fills) == sorted(f"p-{i}-1" for i in range(230))
+    asked = fake.requests.count("GET /v5/execution/list")
+    # Every child is filled in full: there is nothing left to poll for.
+    assert await exchange.poll_fills(now) == []
+    assert fake.requests.count("GET /v5/execution/list") == asked
 
 
 async def test_ccxt_execution_service_approval_to_fill_on_fake_bybit(venue, exchange, redis_client):

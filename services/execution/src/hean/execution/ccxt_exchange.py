@@ -16,7 +16,12 @@
   become `OrderRefusedError` with the venue's message. ccxt's own rate limiter is on.
 - The execution service calls every method through its circuit breaker.
 - Fills are polled from the venue's execution list (`fetch_my_trades`), deduplicated by
-  the venue's execution id.
+  the venue's execution id, for the symbols with a child still open (one not filled in
+  full nor cancelled). Each poll asks from `POLL_OVERLAP_MS` before the previous one on,
+  never from an old placement: a venue answers a start time with a bounded window after
+  it (Bybit: seven days), so a start left at the last fill would stop seeing new fills a
+  week after a quiet spell. A full page is followed by the page before it. Nothing is
+  marked seen until every symbol's answer is in, so a failed poll loses no fill.
 
 Tests point ccxt at a local fake Bybit v5 server by overriding its API urls (`api_url`);
 nothing here talks to the internet on its own.
@@ -67,6 +72,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _REFUSALS = (InvalidOrder, BadSymbol, InsufficientFunds, BadRequest, OrderNotFound)
+#: How far before the previous fill poll the next one starts: a venue may list a trade a
+#: little after it happened (trades are deduplicated by the venue's id).
+POLL_OVERLAP_MS = 60_000
+#: Trades asked for per request (Bybit's largest page of executions).
+TRADES_PAGE = 100
+#: The longest time window one request asks for (Bybit answers at most seven days).
+TRADES_WINDOW_MS = 7 * 86_400_000 - 60_000
 _API_KEYS = ("spot", "futures", "v2", "public", "private")
 
 
@@ -93,9 +105,9 @@ class CcxtExchange(Exchange):
         self.client: Any = client if client is not None else _make_client(config)
         self._symbols: dict[str, str] = {}  # ours -> ccxt's unified symbol
         self._children: dict[str, tuple[str, str]] = {}  # client id -> (venue id, our symbol)
-        self._open: set[str] = set()
-        self._seen_trades: set[str] = set()
-        self._since_ms: dict[str, int] = {}
+        self._open: dict[str, Decimal] = {}  # client id -> quantity not filled yet
+        self._seen_trades: dict[str, int] = {}  # venue trade id -> its time (ms), recent only
+        self._since_ms: dict[str, int] = {}  # per symbol: where the next fill poll starts
 
     async def start(self) -> None:
         await self._call(self.client.load_markets)
@@ -147,9 +159,12 @@ class CcxtExchange(Exchange):
             params["reduceOnly"] = True
         order = await self._create(venue, child, params)
         exchange_id = str(order.get("id") or "")
+        if not any(self._children[c][1] == child.symbol for c in self._open):
+            # Nothing of this symbol is being polled: its fills start now, whatever an
+            # earlier order's last poll left (an old start would ask a week-long window).
+            self._since_ms[child.symbol] = now_ns // 1_000_000 - POLL_OVERLAP_MS
         self._children[child.client_order_id] = (exchange_id, child.symbol)
-        self._open.add(child.client_order_id)
-        self._since_ms.setdefault(child.symbol, now_ns // 1_000_000 - 60_000)
+        self._open[child.client_order_id] = child.qty
         return PlaceResult(exchange_id, (), child.qty)
 
     async def _create(self, venue: str, child: ChildOrder, params: dict[str, Any]) -> Any:
@@ -221,23 +236,60 @@ class CcxtExchange(Exchange):
             order = await self._call(self.client.cancel_order, exchange_id, venue, params)
         except OrderRefusedError as exc:
             log.info("%s: cancel of %s refused: %s", self.name, client_order_id, exc)
-            self._open.discard(client_order_id)
+            self._open.pop(client_order_id, None)
             return ZERO
-        self._open.discard(client_order_id)
+        self._open.pop(client_order_id, None)
         return _dec(order.get("remaining")) or ZERO
 
     async def poll_fills(self, now_ns: int) -> list[ExchangeFill]:
-        fills: list[ExchangeFill] = []
+        now_ms = now_ns // 1_000_000
         symbols = {self._children[c][1] for c in self._open if c in self._children}
-        for symbol in sorted(symbols):
-            venue = self._venue_symbol(symbol)
-            since = self._since_ms.get(symbol)
-            trades = await self._call(self.client.fetch_my_trades, venue, since)
-            for trade in trades:
+        answers: list[tuple[str, int, list[dict[str, Any]]]] = []
+        for symbol in sorted(symbols):  # all asked before anything is marked seen
+            since = self._since_ms.get(symbol, now_ms - POLL_OVERLAP_MS)
+            answers.append((symbol, since, await self._trades(symbol, since, now_ms)))
+        fills: list[ExchangeFill] = []
+        for symbol, since, trades in answers:
+            for trade in sorted(trades, key=lambda t: int(t.get("timestamp") or 0)):
                 fill = self._fill_from_trade(trade, symbol)
                 if fill is not None:
                     fills.append(fill)
+            self._since_ms[symbol] = max(since, now_ms - POLL_OVERLAP_MS)
+        # A trade older than every symbol's next start cannot be answered again.
+        horizon = min(self._since_ms.values(), default=now_ms) - POLL_OVERLAP_MS
+        for trade_id in [t for t, at in self._seen_trades.items() if at < horizon]:
+            del self._seen_trades[trade_id]
         return fills
+
+    async def _trades(self, symbol: str, since: int, now_ms: int) -> list[dict[str, Any]]:
+        """Our trades on `symbol` from `since` (ms) on, in windows of at most
+        `TRADES_WINDOW_MS` (a poll after a long pause walks forward through them); the
+        last window is open-ended, so a venue clock a little ahead loses nothing."""
+        trades: list[dict[str, Any]] = []
+        start = since
+        while now_ms - start > TRADES_WINDOW_MS:
+            trades += await self._window(symbol, start, start + TRADES_WINDOW_MS)
+            start += TRADES_WINDOW_MS
+        return trades + await self._window(symbol, start, None)
+
+    async def _window(self, symbol: str, start: int, end: int | None) -> list[dict[str, Any]]:
+        """Trades from `start` to `end` (ms): pages of `TRADES_PAGE`, newest first as the
+        venue lists them; a full page is followed by the one before it (from its oldest
+        trade's millisecond again, duplicates dropped by id; a page all in one millisecond
+        moves on to the one before, the only way to keep going)."""
+        venue = self._venue_symbol(symbol)
+        trades: list[dict[str, Any]] = []
+        until = end
+        while True:
+            params: dict[str, Any] = {} if until is None else {"until": until}
+            page = await self._call(self.client.fetch_my_trades, venue, start, TRADES_PAGE, params)
+            trades.extend(page)
+            if len(page) < TRADES_PAGE:
+                return trades
+            oldest = min(int(t.get("timestamp") or 0) for t in page)
+            until = oldest if until is None or oldest < until else oldest - 1
+            if until < start:
+                return trades
 
     def _fill_from_trade(self, trade: dict[str, Any], symbol: str) -> ExchangeFill | None:
         info = trade.get("info") or {}
@@ -245,14 +297,19 @@ class CcxtExchange(Exchange):
         trade_id = str(trade.get("id") or "")
         if client_id not in self._children or not trade_id or trade_id in self._seen_trades:
             return None
-        self._seen_trades.add(trade_id)
+        timestamp_ms = int(trade.get("timestamp") or 0)
+        self._seen_trades[trade_id] = timestamp_ms
         qty = _dec(trade.get("amount")) or ZERO
         price = _dec(trade.get("price")) or ZERO
         if qty <= 0 or price <= 0:
             return None
+        left = self._open.get(client_id)
+        if left is not None:  # filled in full: its symbol need not be polled for it again
+            if left - qty <= 0:
+                del self._open[client_id]
+            else:
+                self._open[client_id] = left - qty
         fee = _dec((trade.get("fee") or {}).get("cost")) or ZERO
-        timestamp_ms = int(trade.get("timestamp") or 0)
-        self._since_ms[symbol] = max(self._since_ms.get(symbol, 0), timestamp_ms)
         return ExchangeFill(
             fill_id=f"{self.name}-{trade_id}",
             client_order_id=client_id,
