@@ -570,6 +570,26 @@ async def test_order_path_ledger_claim_repeated_by_its_claimer_only_while_workin
     await ledgers[1].aclose()
 
 
+async def test_order_path_ledger_marker_lives_while_open_then_expires_and_is_not_revived(
+    redis_client,
+):
+    # A resting order can work for longer than the marker's TTL: the marker has none while
+    # the order is open; finishing gives it the TTL, and a late fill never recreates it.
+    ledger = RedisLedger(redis_client, ttl_s=100)
+    key = ORDER_KEY_PREFIX + "o-ttl"
+    await redis_client.delete(key)
+    assert await ledger.claim("o-ttl", "BTC/USDT", "1", "proc-a")
+    assert await redis_client.ttl(key) == -1
+    await ledger.record_fill("o-ttl", "0.4")
+    assert await redis_client.ttl(key) == -1
+    await redis_client.execute_command(*ledger.finish_command("o-ttl", "cancelled", "0.4"))
+    assert 0 < await redis_client.ttl(key) <= 100
+    assert await redis_client.sismember(OPEN_ORDERS_KEY, "o-ttl") == 0
+    await redis_client.delete(key)  # as if the TTL had run out
+    await redis_client.execute_command(*ledger.record_fill_command("o-ttl", "0.5"))
+    assert await redis_client.exists(key) == 0
+
+
 async def test_risk_started_while_redis_refuses_writes_starts_once_it_takes_them(
     redis_factory: Callable[..., RedisServer],
 ) -> None:

@@ -2,7 +2,10 @@
 
 `claim(order_id)` succeeds once per order id, ever (within the marker's TTL). In Redis the
 marker and the open-order index are written by one Lua script, so a crash cannot leave one
-without the other. A redelivered ORDER_APPROVED finds the marker and places nothing.
+without the other. A redelivered ORDER_APPROVED finds the marker and places nothing. The
+marker has no TTL while its order is open (a resting order may work for weeks); finishing
+the order gives it `ttl_s` (seven days), and a fill recorded later never writes a marker
+that has expired.
 """
 
 from __future__ import annotations
@@ -28,14 +31,13 @@ CLAIM_TIMEOUT_S = 5.0
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local now = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 'status', 'working', 'symbol', ARGV[2], 'size', ARGV[3],
-             'filled', '0', 'claimer', ARGV[5],
+  redis.call('HSET', KEYS[1], 'status', 'working', 'symbol', ARGV[1], 'size', ARGV[2],
+             'filled', '0', 'claimer', ARGV[4],
              'claimed_ms', now[1] * 1000 + math.floor(now[2] / 1000))
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  redis.call('SADD', KEYS[2], ARGV[4])
+  redis.call('SADD', KEYS[2], ARGV[3])
   return 1
 end
-if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'claimer') == ARGV[5]
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'claimer') == ARGV[4]
    and redis.call('HGET', KEYS[1], 'status') == 'working' then
   return 1
 end
@@ -44,7 +46,17 @@ return 0
 
 _FINISH = """
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'filled', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('SREM', KEYS[2], ARGV[3])
+return 1
+"""
+
+# A fill after the marker expired (seven days after its order finished) writes nothing: a
+# bare HSET would bring back a marker with no TTL, forever.
+_RECORD_FILL = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'filled', ARGV[1])
+end
 return 1
 """
 
@@ -119,7 +131,7 @@ class RedisLedger:
 
     async def claim(self, order_id: str, symbol: str, size: str, claimer: str = "") -> bool:
         keys = [ORDER_KEY_PREFIX + order_id, OPEN_ORDERS_KEY]
-        args: list[str | int] = [self.ttl_s, symbol, size, order_id, claimer]
+        args: list[str | int] = [symbol, size, order_id, claimer]
         if self.fast is None:
             return bool(await self._claim(keys=keys, args=args))
         async with asyncio.timeout(CLAIM_TIMEOUT_S):
@@ -144,13 +156,12 @@ class RedisLedger:
     # The same writes as Redis commands, for `EventBus.write_on_ack` (both idempotent).
 
     @staticmethod
-    def record_fill_command(order_id: str, filled: str) -> tuple[str, ...]:
-        return ("HSET", ORDER_KEY_PREFIX + order_id, "filled", filled)
+    def record_fill_command(order_id: str, filled: str) -> tuple[str | int, ...]:
+        return ("EVAL", _RECORD_FILL, 1, ORDER_KEY_PREFIX + order_id, filled)
 
-    @staticmethod
-    def finish_command(order_id: str, status: str, filled: str) -> tuple[str | int, ...]:
+    def finish_command(self, order_id: str, status: str, filled: str) -> tuple[str | int, ...]:
         keys = (ORDER_KEY_PREFIX + order_id, OPEN_ORDERS_KEY)
-        return ("EVAL", _FINISH, 2, *keys, status, filled, order_id)
+        return ("EVAL", _FINISH, 2, *keys, status, filled, order_id, self.ttl_s)
 
     async def open_orders(self) -> dict[str, dict[str, str]]:
         ids = [as_str(i) for i in await self.client.smembers(OPEN_ORDERS_KEY)]

@@ -424,22 +424,25 @@ class ExecutionService:
     # or ORDER_CANCELLED they follow (a crash in between leaves the order open in the
     # ledger, which the restart reconciles). The claim is not deferred: it is the gate.
 
-    def _defer_ledger(self) -> bool:
-        return (
+    def _deferred_ledger(self) -> RedisLedger | None:
+        """The Redis ledger when its writes can go with the ack of the event being handled."""
+        if (
             isinstance(self.ledger, RedisLedger)
             and self.bus.transport.name == "redis"
             and current_event.get() is not None
-        )
+        ):
+            return self.ledger
+        return None
 
     async def _ledger_record_fill(self, order_id: str, filled: str) -> None:
-        if self._defer_ledger():
-            self.bus.write_on_ack(*RedisLedger.record_fill_command(order_id, filled))
+        if (ledger := self._deferred_ledger()) is not None:
+            self.bus.write_on_ack(*ledger.record_fill_command(order_id, filled))
         else:
             await self.ledger.record_fill(order_id, filled)
 
     async def _ledger_finish(self, order_id: str, status: str, filled: str) -> None:
-        if self._defer_ledger():
-            self.bus.write_on_ack(*RedisLedger.finish_command(order_id, status, filled))
+        if (ledger := self._deferred_ledger()) is not None:
+            self.bus.write_on_ack(*ledger.finish_command(order_id, status, filled))
         else:
             await self.ledger.finish(order_id, status, filled)
 
