@@ -83,6 +83,22 @@ async def test_portfolio_service_ticks_throttled_by_event_time():
     await bus.stop()
 
 
+async def test_portfolio_service_marks_go_on_after_the_clock_steps_back():
+    bus, _svc, updates = await _wired(interval_ms=1000)
+    await bus.publish(_fill("f1"))
+    await bus.flush(5)
+    base = updates[0].timestamp // SECOND + 10
+    ticks = [("101", base), ("102", base - 60), ("103", base - 60), ("104", base - 58)]
+    for price, t_s in ticks:  # the clock went back a minute after the first
+        await bus.publish(_tick(price, t_s))
+    await bus.flush(5)
+    marks = [u for u in updates if u.data["reason"] == "mark"]
+    # a late event (less than an interval back) would not publish; a clock a minute back
+    # does, and the throttle goes on from there
+    assert [m.data["unrealized_pnl"] for m in marks] == [D(1), D(2), D(4)]
+    await bus.stop()
+
+
 async def test_portfolio_service_tick_without_position_publishes_nothing():
     bus, _svc, updates = await _wired()
     await bus.publish(_tick("100", 1))

@@ -140,7 +140,11 @@ class PortfolioService:
         if not self._dirty:
             return
         last = self._last_publish_ns
-        if last is None or timestamp_ns - last >= self.publish_interval_ns:
+        # Event time moving back by more than an interval is a clock stepped back, not a
+        # late event: publish and go on from there, or marks would wait for it to catch
+        # up (risk's drawdown check reads equity from PNL_UPDATE).
+        elapsed = None if last is None else timestamp_ns - last
+        if elapsed is None or abs(elapsed) >= self.publish_interval_ns:
             await self._publish(timestamp_ns, reason="mark")
 
     async def _publish(self, timestamp_ns: int, *, reason: str) -> None:
