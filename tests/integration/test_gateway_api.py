@@ -499,8 +499,13 @@ async def test_websocket_unknown_type_is_refused(gateway):
 
 async def test_metrics_count_requests(gateway):
     await gateway.http.get("/killswitch")
+    for made_up in ("BREW", "X-ANYTHING-1"):  # any token is a method to the server
+        await gateway.http.request(made_up, "/killswitch")
     text = (await gateway.http.get("/metrics")).text
     assert 'hean_gateway_requests_total{method="GET",route="/killswitch",status="200"}' in text
+    other = 'hean_gateway_requests_total{method="other",route="/killswitch",status="405"} 2.0'
+    assert other in text
+    assert "BREW" not in text
     assert "hean_orders_total" in text
 
 

@@ -90,6 +90,11 @@ class GatewayDeps:
         self.redactor = RedactingFilter(secret_values(self.settings))
 
 
+#: Request methods counted by name; any other is counted as "other" (the server takes any
+#: token as a method, and a label value per made-up method would grow without end).
+COUNTED_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+
 class GatewayMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self.requests = Counter(
@@ -237,7 +242,8 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         started = time.perf_counter()
         response = await call_next(request)
         route = getattr(request.scope.get("route"), "path", "unmatched")
-        gm.requests.labels(request.method, route, str(response.status_code)).inc()
+        method = request.method if request.method in COUNTED_METHODS else "other"
+        gm.requests.labels(method, route, str(response.status_code)).inc()
         # Path only: a query string may carry a token.
         log.debug(
             "%s %s -> %d in %.1f ms",
