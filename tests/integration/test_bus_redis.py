@@ -395,6 +395,29 @@ async def test_bus_redis_restart_without_persistence_recreates_group(
     await eventually(lambda: received == list(range(20)), timeout=30, message="after NOGROUP")
 
 
+async def test_bus_conflated_marks_go_on_after_redis_lost_its_data_and_ids_start_lower(
+    redis_factory: Callable[..., RedisServer], buses: list[EventBus]
+) -> None:
+    server = redis_factory(appendonly=False)
+    marks: list[int] = []
+    risk = make_bus(server.url, "risk", reconnect_max_s=0.2, conflate_interval_s=0.05)
+    risk.subscribe(EventType.TICK, lambda e: marks.append(e.data["seq"]), conflate=True)
+    await risk.start()
+    buses.append(risk)
+    client = server.sync_client()
+    client.xadd(TICKS, {"event": tick(1).to_json()})
+    await eventually(lambda: marks == [1], message="first mark")
+    client.close()
+
+    server.stop()
+    server.start()  # empty: streams and groups are gone (NOGROUP)
+    # The new stream's ids start below the old ones (as from a Redis whose clock is behind).
+    client = server.sync_client()
+    client.xadd(TICKS, {"event": tick(2).to_json()}, id="1-1")
+    client.close()
+    await eventually(lambda: marks == [1, 2], timeout=30, message="the mark after the loss")
+
+
 async def test_bus_retention_trims_high_frequency_streams_keeps_order_streams(
     redis_url: str, redis_client: aioredis.Redis, buses: list[EventBus]
 ) -> None:

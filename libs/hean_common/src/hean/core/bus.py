@@ -1539,6 +1539,10 @@ class RedisStreamsTransport(Transport):
                 self.metrics.events_handled.labels(label, "conflated").inc(count)
 
     async def _recreate_groups(self) -> None:
+        # New streams: the newest conflated entry ids handed out belong to the old ones (a
+        # Redis whose clock is behind starts the new ids lower; as newer, they would be
+        # acked unhandled until it caught up).
+        self._conflated_last.clear()
         try:
             await self._ensure_groups(start_id="0")
         except _REDIS_DOWN as exc:
