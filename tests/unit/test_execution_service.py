@@ -11,7 +11,7 @@ from hean.core.errors import TransientError
 from hean.core.settings import SettingsError, load_settings
 from hean.core.types import Event, EventType
 from hean.execution import service as service_module
-from hean.execution.exchange import ChildOrder, MarketRules, PlaceResult
+from hean.execution.exchange import ChildOrder, MarketRules, OrderRefusedError, PlaceResult
 from hean.execution.ledger import MemoryLedger
 from hean.execution.paper import PaperConfig, PaperExchange
 from hean.execution.service import ExecutionService, ExecutionSettings
@@ -166,6 +166,39 @@ class FlakyExchange(PaperExchange):
             self.failures -= 1
             raise TransientError("exchange timeout")
         return await super().place(child, now_ns)
+
+
+class RefusingSecondChild(PaperExchange):
+    """Takes the first child of an order and refuses the next (the balance ran out)."""
+
+    def __init__(self) -> None:
+        super().__init__(PaperConfig(markets={"BTC/USDT": BTC}))
+        self.cancelled: list[str] = []
+
+    async def place(self, child: ChildOrder, now_ns: int) -> PlaceResult:
+        if not child.client_order_id.endswith("-1"):
+            raise OrderRefusedError("insufficient balance")
+        return await super().place(child, now_ns)
+
+    async def cancel(self, client_order_id: str, now_ns: int, symbol: str | None = None) -> D:
+        self.cancelled.append(client_order_id)
+        return await super().cancel(client_order_id, now_ns, symbol)
+
+
+async def test_execution_child_refused_mid_algorithm_cancels_the_children_still_open():
+    exchange = RefusingSecondChild()
+    bus, _svc, seen = await _wired(exchange=exchange)
+    # A TWAP of limit slices below the market: the first rests, the second is refused.
+    order = approved("tw", size="2", type="twap", slices=2, duration_s=10, price="90", t_s=1)
+    await bus.publish(order)
+    await bus.flush(5)
+    await tick(bus, "100", 7)
+    (cancelled,) = seen[EventType.ORDER_CANCELLED]
+    assert "insufficient balance" in cancelled.data["reason"]
+    assert exchange.cancelled == ["tw-1"]  # not left resting on the venue
+    await tick(bus, "80", 8)  # through the old limit: nothing rests there to fill
+    assert seen[EventType.ORDER_FILLED] == []
+    await bus.stop()
 
 
 async def test_execution_transient_failure_releases_claim_so_retry_places_once():

@@ -356,13 +356,18 @@ class ExecutionService:
         for parent in list(self.parents.values()):
             if parent.done:
                 continue
-            open_children = parent.cancel()
-            for client_id in open_children:
-                try:
-                    await self.breaker.call(self.exchange.cancel, client_id, event.timestamp)
-                except (TransientError, CircuitBreakerOpenError) as exc:
-                    log.error("kill switch: cancel of %s failed: %s", client_id, exc)
+            await self._stop_working(parent, event.timestamp)
             await self._cancelled(parent, reason)
+
+    async def _stop_working(self, parent: ParentOrder, now_ns: int) -> None:
+        """Stop `parent`'s algorithm and cancel its children still open on the venue, so
+        none fills after the order is reported cancelled. A cancel the venue cannot take
+        now is logged (the child may still fill: its fill is reported as the order's)."""
+        for client_id in parent.cancel():
+            try:
+                await self.breaker.call(self.exchange.cancel, client_id, now_ns)
+            except (TransientError, CircuitBreakerOpenError) as exc:
+                log.error("order %s: cancel of %s failed: %s", parent.order_id, client_id, exc)
 
     async def _poll_fills(self, now_ns: int) -> list[ExchangeFill]:
         """The venue's fills of resting orders, through the breaker and at most every
@@ -395,7 +400,7 @@ class ExecutionService:
                     parent.status = ParentStatus.REJECTED
                     await self._reject(parent.order_id, parent.symbol, exc.reason)
                 else:
-                    parent.cancel()
+                    await self._stop_working(parent, now_ns)
                     await self._cancelled(parent, f"exchange refused a child order: {exc.reason}")
                 return
             except (TransientError, CircuitBreakerOpenError) as exc:
@@ -410,7 +415,7 @@ class ExecutionService:
                         parent.status = ParentStatus.REJECTED
                         await self._reject(parent.order_id, parent.symbol, reason)
                     else:
-                        parent.cancel()
+                        await self._stop_working(parent, now_ns)
                         await self._cancelled(parent, reason)
                     return
                 raise TransientError(str(exc)) from exc
