@@ -15,7 +15,13 @@ import redis.asyncio as aioredis
 
 from hean.core.bus import EventBus
 from hean.core.event_streams import DLQ_STREAM, RedisEventStream, stream_key
-from hean.core.health import HealthReporter, HealthServer, health_key, read_snapshots
+from hean.core.health import (
+    HEALTH_INDEX_KEY,
+    HealthReporter,
+    HealthServer,
+    health_key,
+    read_snapshots,
+)
 from hean.core.metrics import Metrics
 from hean.core.orchestrator import TradingOrchestrator
 from hean.core.service import ServiceContext, serve
@@ -58,6 +64,29 @@ async def test_health_snapshot_written_with_ttl_and_expires(
     await reporter.publish("ml-service", "host:2", orchestrator.health())
     assert len(await read_snapshots(redis_client)) == 1
     await eventually(lambda: _gone(redis_client), timeout=3, message="expiry")
+
+
+async def test_health_snapshots_found_by_their_index_not_a_keyspace_scan(
+    redis_client: aioredis.Redis,
+) -> None:
+    # The keyspace grows with the system's life (a day's publish-once markers); the
+    # snapshots are found through their index, which forgets the ones gone.
+    await redis_client.mset({f"hean:published:{i}": b"1" for i in range(2000)})
+    reporter = HealthReporter(redis_client, interval_s=1, ttl_s=30)
+    for service in ("risk", "execution", "portfolio"):
+        await reporter.publish(service, "h1", {"orchestrator": {"overall_state": "healthy"}})
+    assert sorted(s["service"] for s in await read_snapshots(redis_client)) == [
+        "execution",
+        "portfolio",
+        "risk",
+    ]
+    await reporter.withdraw("risk", "h1")
+    await redis_client.delete(health_key("execution", "h1"))  # as if it had expired
+    [left] = await read_snapshots(redis_client)
+    assert left["service"] == "portfolio"
+    assert await redis_client.smembers(HEALTH_INDEX_KEY) == {health_key("portfolio", "h1").encode()}
+    await reporter.withdraw("portfolio", "h1")
+    assert await redis_client.exists(HEALTH_INDEX_KEY) == 0
 
 
 async def _exists(client: aioredis.Redis, key: str) -> bool:
