@@ -199,6 +199,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc), 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 # --- the system -------------------------------------------------------------------------
 
 
@@ -386,6 +397,8 @@ class LatencyResult:
     hops: dict[str, list[float]] = field(default_factory=dict)
     drained: bool = True
     cpu: dict[str, float] = field(default_factory=dict)
+    #: resident MiB per service when the paced bars began and at the end of the run
+    rss: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def read_stream(client: redis.Redis, etype: EventType) -> Iterator[dict[str, Any]]:
@@ -412,10 +425,13 @@ def run_latency(cfg: Config, rate: float, seconds: float) -> LatencyResult:
         deadline = time.monotonic() + seconds * 3 + 60
         cpu0 = {k: cpu_seconds(p) for k, p in system.pids().items()}
         cpu0["redis"] = cpu_seconds(cfg.redis_proc.pid)
+        rss0: dict[str, float] = {}
         t0 = time.monotonic()
-        while stream_added(client, E.CANDLE) < total:
+        while (added := stream_added(client, E.CANDLE)) < total:
             if time.monotonic() > deadline or system.dead():
                 raise RuntimeError(f"replay did not finish: dead {system.dead()}")
+            if not rss0 and added > WARMUP_BARS * nsym:  # every service up and warmed
+                rss0 = {k: rss_mib(p) for k, p in system.pids().items()}
             time.sleep(0.2)
         result.drained = wait_drained(client, 30)
         elapsed = time.monotonic() - t0
@@ -423,6 +439,7 @@ def run_latency(cfg: Config, rate: float, seconds: float) -> LatencyResult:
             k: (cpu_seconds(p) - cpu0[k]) / elapsed * 100 for k, p in system.pids().items()
         }
         result.cpu["redis"] = (cpu_seconds(cfg.redis_proc.pid) - cpu0["redis"]) / elapsed * 100
+        result.rss = {k: (rss0.get(k, 0.0), rss_mib(p)) for k, p in system.pids().items()}
     finally:
         stop_system(system)
     analyse_latency(client, result, nsym)
@@ -772,6 +789,10 @@ def latency_section(cfg: Config, rates: Sequence[float], seconds: float) -> None
         for name, v in r.hops.items():
             print(f"  {name:<36} {pct(v, 0.5):>8.2f} {pct(v, 0.9):>8.2f} {pct(v, 0.99):>8.2f}")
         print(f"  CPU: {fmt_cpu(r.cpu)}")
+        print(
+            "  memory (RSS MiB, paced bars begin -> end of the run): "
+            + ", ".join(f"{k} {a:.0f} -> {b:.0f}" for k, (a, b) in sorted(r.rss.items()))
+        )
     top = results[-1]
     f = floors[top.rate]
     ok50 = pct(top.tick_to_fill, 0.5) <= 2 * pct(f, 0.5)
