@@ -309,6 +309,24 @@ async def test_ccxt_fill_eight_quiet_days_after_the_last_one_is_still_seen(venue
     assert await exchange.poll_fills(later) == []
 
 
+async def test_ccxt_trade_ids_kept_long_enough_never_reported_twice_then_forgotten(venue, exchange):
+    fake, _ = venue
+    t0 = time.time_ns()
+    await exchange.place(child("r-1-1"), t0)
+    assert [f.client_order_id for f in await exchange.poll_fills(t0)] == ["r-1-1"]
+    # Nothing open on the symbol; an order 30 s later polls from a minute before it, which
+    # still holds the first order's trade: that one is not reported again.
+    t1 = t0 + 30 * 1_000_000_000
+    await exchange.place(child("r-2-1"), t1)
+    assert [f.client_order_id for f in await exchange.poll_fills(t1)] == ["r-2-1"]
+    # Two days on, ids of trades no poll can ask for again are forgotten.
+    fake.clock_offset_ms = 2 * 86_400_000
+    t2 = t0 + fake.clock_offset_ms * 1_000_000
+    await exchange.place(child("r-3-1"), t2)
+    assert [f.client_order_id for f in await exchange.poll_fills(t2)] == ["r-3-1"]
+    assert len(exchange._seen_trades) == 1
+
+
 async def test_ccxt_fills_beyond_one_page_all_seen_once_and_filled_children_not_polled(
     venue, exchange
 ):

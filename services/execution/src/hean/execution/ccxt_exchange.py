@@ -79,6 +79,9 @@ POLL_OVERLAP_MS = 60_000
 TRADES_PAGE = 100
 #: The longest time window one request asks for (Bybit answers at most seven days).
 TRADES_WINDOW_MS = 7 * 86_400_000 - 60_000
+#: How long a trade's id is kept, before the oldest start in use: longer than any start a
+#: poll may ask from (a minute back; an approval handled late places with its own time).
+SEEN_TRADES_KEEP_MS = 86_400_000
 _API_KEYS = ("spot", "futures", "v2", "public", "private")
 
 
@@ -255,9 +258,14 @@ class CcxtExchange(Exchange):
                 if fill is not None:
                     fills.append(fill)
             self._since_ms[symbol] = max(since, now_ms - POLL_OVERLAP_MS)
-        # A trade older than every symbol's next start cannot be answered again.
-        horizon = min(self._since_ms.values(), default=now_ms) - POLL_OVERLAP_MS
-        for trade_id in [t for t, at in self._seen_trades.items() if at < horizon]:
+        # Ids kept in the order seen (polls hand trades over oldest first): forget from
+        # the front, so a poll costs what it forgets, not what is kept.
+        in_use = min((self._since_ms[symbol] for symbol in symbols), default=now_ms)
+        horizon = min(in_use, now_ms) - SEEN_TRADES_KEEP_MS
+        while self._seen_trades:
+            trade_id, at = next(iter(self._seen_trades.items()))
+            if at >= horizon:
+                break
             del self._seen_trades[trade_id]
         return fills
 

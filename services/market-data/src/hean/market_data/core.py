@@ -136,14 +136,14 @@ class BarTracker:
     def accept(self, symbol: str, rows: Iterable[Candle], now_ns: int) -> TrackResult:
         """Decide which of `rows` (any order, may overlap earlier answers) to publish.
 
-        A bar is closed once the exchange shows a newer one (its clock has moved past it),
-        or, for the newest bar of the answer, once `now_ns` is `CLOSE_GRACE_NS` (at most
-        half a bar) past its end: a bar published at its end by the local clock alone
-        could miss its last trades (the exchange's answer lagging, or this clock ahead),
-        and the exchange's final version would then be dropped as already seen. The newest
-        bar not closed is returned as `forming` (its close is the latest traded price).
-        Bars at or before the last published one are counted in `already_seen` and
-        dropped.
+        A bar is closed once `now_ns` has passed its end and the exchange shows a newer
+        one (its clock has moved past it too), or, for the newest bar of the answer, once
+        `now_ns` is `CLOSE_GRACE_NS` (at most half a bar) past its end: a bar published at
+        its end by the local clock alone could miss its last trades (the exchange's answer
+        lagging, or this clock ahead), and the exchange's final version would then be
+        dropped as already seen. The newest bar not closed is returned as `forming` (its
+        close is the latest traded price). Bars at or before the last published one are
+        counted in `already_seen` and dropped.
         """
         ordered = sorted(rows, key=lambda c: c.timestamp_ns)
         last = self.last_bar_ns.get(symbol)

@@ -14,8 +14,8 @@ transports (`LIVE_TRANSPORT`; `auto`, the default, picks the websocket where ccx
   history at the first start and the bars closed while disconnected after each
   (re)connect, and any bar the stream skipped before it is published.
 - REST (`LiveFeed`): polls `fetch_ohlcv` every LIVE_POLL_INTERVAL_S; a bar is closed once
-  the exchange answers with a newer bar, or 10 s (at most half a bar) after its end if it
-  shows none (`BarTracker.accept`).
+  the clock has passed its end and the exchange answers with a newer bar, or 10 s (at
+  most half a bar) after its end if it shows none (`BarTracker.accept`).
 
 Both reconnect with backoff and keep the last published bar per symbol in Redis, so neither
 a reconnect nor a restart publishes a bar twice or out of order; bars the exchange itself
