@@ -342,6 +342,51 @@ async def test_ccxt_fills_beyond_one_page_all_seen_once_and_filled_children_not_
     assert fake.requests.count("GET /v5/execution/list") == asked
 
 
+async def test_ccxt_child_the_venue_ended_by_itself_reported_closed_once(venue, exchange):
+    fake, _ = venue
+    s = 1_000_000_000
+    t0 = time.time_ns()
+    await exchange.place(child("v-1-1", type_="limit", price="90.0"), t0)  # rests
+    await exchange.place(child("v-2-1", type_="limit", price="91.0"), t0)  # rests, then fills
+    fake.orders["v-1-1"]["orderStatus"] = "Cancelled"  # the venue's own doing
+    fake.fill_resting("v-2-1")
+    assert await exchange.poll_closed(t0 + 1 * s) == []  # too young to be looked for
+    assert [f.client_order_id for f in await exchange.poll_fills(t0 + 10 * s)] == ["v-2-1"]
+    closed = await exchange.poll_closed(t0 + 10 * s)
+    assert [(c.client_order_id, c.reason) for c in closed] == [
+        ("v-1-1", "the venue ended it (canceled)")
+    ]
+    assert await exchange.poll_closed(t0 + 20 * s) == []  # once
+
+
+async def test_ccxt_order_the_venue_cancelled_is_reported_cancelled(venue, exchange):
+    # Trades say nothing of a cancel: without asking for order states the order would stay
+    # working for ever (risk keeping its reservation, the ledger listing it open).
+    fake, _ = venue
+    bus = EventBus()
+    cancelled: list[Event] = []
+    bus.subscribe(EventType.ORDER_CANCELLED, cancelled.append)
+    svc = ExecutionService(bus, exchange, breaker=CircuitBreaker("bybit"))
+    await svc.start()
+    await bus.start()
+    data = {"order_id": "vc", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
+    data |= {"type": "limit", "price": "90"}
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.flush(10)
+    assert fake.orders["vc-1"]["orderStatus"] == "New"
+    fake.orders["vc-1"]["orderStatus"] = "Cancelled"
+    later = time.time_ns() + 10 * 1_000_000_000
+    tick = {"symbol": "BTC/USDT", "price": "100"}
+    await bus.publish(Event(event_type=EventType.TICK, data=tick, timestamp=later))
+    await bus.flush(10)
+    (event,) = cancelled
+    assert event.data["order_id"] == "vc"
+    assert "the venue ended it (canceled)" in event.data["reason"]
+    assert (event.data["filled_qty"], event.data["remaining_qty"]) == (D(0), D("0.25"))
+    assert svc.parents == {}
+    await bus.stop()
+
+
 async def test_ccxt_execution_service_approval_to_fill_on_fake_bybit(venue, exchange, redis_client):
     fake, _ = venue
     bus = EventBus()

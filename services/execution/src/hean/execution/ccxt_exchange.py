@@ -22,6 +22,11 @@
   it (Bybit: seven days), so a start left at the last fill would stop seeing new fills a
   week after a quiet spell. A full page is followed by the page before it. Nothing is
   marked seen until every symbol's answer is in, so a failed poll loses no fill.
+- Trades say nothing of a cancel: every `ORDER_STATES_INTERVAL_MS` the venue's open orders
+  are listed, and a child of ours missing there (older than `LISTING_GRACE_MS`) is looked
+  up. One the venue cancelled, expired or rejected by itself (slippage protection, a
+  reduce-only order after the position closed, a time-in-force) is reported closed by
+  `poll_closed` once its fills are all in, so the order does not stay working for ever.
 
 Tests point ccxt at a local fake Bybit v5 server by overriding its API urls (`api_url`);
 nothing here talks to the internet on its own.
@@ -34,7 +39,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import ccxt.async_support as ccxt_async  # type: ignore[import-untyped]
 from ccxt.base.errors import (  # type: ignore[import-untyped]
@@ -61,6 +66,7 @@ from hean.core.types import Side
 from hean.execution.exchange import (
     ZERO,
     ChildOrder,
+    ClosedChild,
     Exchange,
     ExchangeFill,
     MarketRules,
@@ -79,6 +85,12 @@ POLL_OVERLAP_MS = 60_000
 TRADES_PAGE = 100
 #: The longest time window one request asks for (Bybit answers at most seven days).
 TRADES_WINDOW_MS = 7 * 86_400_000 - 60_000
+#: How often the venue is asked which of our children it still has open.
+ORDER_STATES_INTERVAL_MS = 5_000
+#: A child younger than this may not be listed yet: it is not looked for.
+LISTING_GRACE_MS = 5_000
+#: ccxt's order states for an order the venue ended without filling it in full.
+_CLOSED_BY_VENUE = ("canceled", "expired", "rejected")
 #: How long a trade's id is kept, before the oldest start in use: longer than any start a
 #: poll may ask from (a minute back; an approval handled late places with its own time).
 SEEN_TRADES_KEEP_MS = 86_400_000
@@ -109,6 +121,8 @@ class CcxtExchange(Exchange):
         self._symbols: dict[str, str] = {}  # ours -> ccxt's unified symbol
         self._children: dict[str, tuple[str, str]] = {}  # client id -> (venue id, our symbol)
         self._open: dict[str, Decimal] = {}  # client id -> quantity not filled yet
+        self._placed: dict[str, tuple[int, Decimal]] = {}  # open child -> (ms, quantity)
+        self._states_polled_ms = 0
         self._seen_trades: dict[str, int] = {}  # venue trade id -> its time (ms), recent only
         self._since_ms: dict[str, int] = {}  # per symbol: where the next fill poll starts
 
@@ -168,6 +182,7 @@ class CcxtExchange(Exchange):
             self._since_ms[child.symbol] = now_ns // 1_000_000 - POLL_OVERLAP_MS
         self._children[child.client_order_id] = (exchange_id, child.symbol)
         self._open[child.client_order_id] = child.qty
+        self._placed[child.client_order_id] = (now_ns // 1_000_000, child.qty)
         return PlaceResult(exchange_id, (), child.qty)
 
     async def _create(self, venue: str, child: ChildOrder, params: dict[str, Any]) -> Any:
@@ -219,10 +234,7 @@ class CcxtExchange(Exchange):
             except OrderRefusedError as exc:  # the venue would not answer this lookup
                 raise TransientError(f"cannot look up {client_order_id}: {exc}") from exc
             for order in orders:
-                info = order.get("info") or {}
-                if str(order.get("clientOrderId") or info.get("orderLinkId") or "") == (
-                    client_order_id
-                ):
+                if _client_id(order) == client_order_id:
                     return order
         return None
 
@@ -239,10 +251,42 @@ class CcxtExchange(Exchange):
             order = await self._call(self.client.cancel_order, exchange_id, venue, params)
         except OrderRefusedError as exc:
             log.info("%s: cancel of %s refused: %s", self.name, client_order_id, exc)
-            self._open.pop(client_order_id, None)
+            self._forget_open(client_order_id)
             return ZERO
-        self._open.pop(client_order_id, None)
+        self._forget_open(client_order_id)
         return _dec(order.get("remaining")) or ZERO
+
+    def _forget_open(self, client_order_id: str) -> None:
+        self._open.pop(client_order_id, None)
+        self._placed.pop(client_order_id, None)
+
+    async def poll_closed(self, now_ns: int) -> list[ClosedChild]:
+        now_ms = now_ns // 1_000_000
+        if now_ms - self._states_polled_ms < ORDER_STATES_INTERVAL_MS:
+            return []
+        self._states_polled_ms = now_ms
+        by_symbol: dict[str, list[str]] = {}
+        for client_id, (placed_ms, _qty) in self._placed.items():
+            if now_ms - placed_ms >= LISTING_GRACE_MS:
+                by_symbol.setdefault(self._children[client_id][1], []).append(client_id)
+        closed: list[ClosedChild] = []
+        for symbol, client_ids in sorted(by_symbol.items()):
+            venue = self._venue_symbol(symbol)
+            listed = {_client_id(o) for o in await self._call(self.client.fetch_open_orders, venue)}
+            for client_id in client_ids:
+                if client_id in listed:
+                    continue
+                order = await self.find_order(cast(str, venue), client_id)
+                status = str((order or {}).get("status") or "")
+                if order is None or status not in _CLOSED_BY_VENUE:
+                    continue  # not listed yet, or filled: its trades tell
+                placed_qty = self._placed[client_id][1]
+                reported = placed_qty - self._open.get(client_id, ZERO)
+                if reported < (_dec(order.get("filled")) or ZERO):
+                    continue  # a fill of it is not polled yet: closed once it is
+                self._forget_open(client_id)
+                closed.append(ClosedChild(client_id, f"the venue ended it ({status})"))
+        return closed
 
     async def poll_fills(self, now_ns: int) -> list[ExchangeFill]:
         now_ms = now_ns // 1_000_000
@@ -314,7 +358,7 @@ class CcxtExchange(Exchange):
         left = self._open.get(client_id)
         if left is not None:  # filled in full: its symbol need not be polled for it again
             if left - qty <= 0:
-                del self._open[client_id]
+                self._forget_open(client_id)
             else:
                 self._open[client_id] = left - qty
         fee = _dec((trade.get("fee") or {}).get("cost")) or ZERO
@@ -398,6 +442,12 @@ def _make_client(config: CcxtConfig) -> Any:
         client.urls["api"] = {key: config.api_url for key in _API_KEYS}
     client.has["fetchCurrencies"] = False
     return client
+
+
+def _client_id(order: dict[str, Any]) -> str:
+    """Our client order id on a ccxt order (Bybit's `orderLinkId`), or ""."""
+    info = order.get("info") or {}
+    return str(order.get("clientOrderId") or info.get("orderLinkId") or "")
 
 
 def _dec(value: Any) -> Decimal | None:

@@ -105,6 +105,15 @@ class PlaceResult:
     open_qty: Decimal = ZERO  # still working on the venue after the immediate fills
 
 
+@dataclass(frozen=True, slots=True)
+class ClosedChild:
+    """A child the venue closed by itself (cancelled, expired, rejected after taking it),
+    reported once every fill of it has been."""
+
+    client_order_id: str
+    reason: str
+
+
 class Exchange(ABC):
     """A trading venue. Adapters raise `OrderRefusedError` (permanent) for refusals and
     `TransientError` for what is worth retrying (timeouts, 5xx, rate limits)."""
@@ -140,6 +149,11 @@ class Exchange(ABC):
 
     async def poll_fills(self, now_ns: int) -> list[ExchangeFill]:
         """Fills of resting orders reported by the venue since the last poll."""
+        return []
+
+    async def poll_closed(self, now_ns: int) -> list[ClosedChild]:
+        """Children the venue closed by itself since the last poll, after `poll_fills`
+        reported their fills. A simulator closes nothing by itself: []."""
         return []
 
     async def open_client_order_ids(self, symbols: Collection[str] = ()) -> list[str]:

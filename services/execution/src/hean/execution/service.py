@@ -36,6 +36,7 @@ from hean.core.types import Event, EventType, current_event
 from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
 from hean.execution.exchange import (
     ChildOrder,
+    ClosedChild,
     Exchange,
     ExchangeFill,
     MarketRules,
@@ -339,9 +340,11 @@ class ExecutionService:
     async def _market(self, symbol: str, price: Decimal, data: Any, event: Event) -> None:
         volume = Decimal(data.get("volume") or 0)
         fills = await self.exchange.on_market_data(symbol, price, volume, event.timestamp)
-        fills += await self._poll_fills(event.timestamp)
-        for fill in fills:
+        polled, closed = await self._poll_venue(event.timestamp)
+        for fill in fills + polled:
             await self._on_exchange_fill(fill)
+        for child in closed:
+            await self._on_venue_closed(child, event.timestamp)
         for parent in [p for p in self.parents.values() if p.symbol == symbol]:
             if not parent.done:
                 try:
@@ -369,21 +372,42 @@ class ExecutionService:
             except (TransientError, CircuitBreakerOpenError) as exc:
                 log.error("order %s: cancel of %s failed: %s", parent.order_id, client_id, exc)
 
-    async def _poll_fills(self, now_ns: int) -> list[ExchangeFill]:
-        """The venue's fills of resting orders, through the breaker and at most every
-        `poll_interval_s`. A venue outage must not fail market-data handling (ticks would
-        pile up for retry behind the orders of their symbol): it is counted and logged, and
-        the next poll catches up."""
+    async def _poll_venue(self, now_ns: int) -> tuple[list[ExchangeFill], list[ClosedChild]]:
+        """The venue's fills of resting orders, then the children it closed by itself,
+        through the breaker and at most every `poll_interval_s`. A venue outage must not
+        fail market-data handling (ticks would pile up for retry behind the orders of
+        their symbol): it is counted and logged, and the next poll catches up."""
         now = time.monotonic()
         if now - self._last_poll < self.poll_interval_s:
-            return []
+            return [], []
         self._last_poll = now
         try:
-            return await self.breaker.call(self.exchange.poll_fills, now_ns)
+            fills = await self.breaker.call(self.exchange.poll_fills, now_ns)
         except (TransientError, CircuitBreakerOpenError) as exc:
             self._count_api_error(exc)
             log.warning("polling %s for fills failed: %s", self.exchange.name, exc)
-            return []
+            return [], []
+        try:
+            closed = await self.breaker.call(self.exchange.poll_closed, now_ns)
+        except (TransientError, CircuitBreakerOpenError) as exc:
+            self._count_api_error(exc)
+            log.warning("asking %s for its open orders failed: %s", self.exchange.name, exc)
+            closed = []
+        return fills, closed
+
+    async def _on_venue_closed(self, closed: ClosedChild, now_ns: int) -> None:
+        """A child the venue ended by itself: its order stops (its other children still
+        open are cancelled on the venue) and is reported cancelled with what filled."""
+        order_id = self._child_parent.get(closed.client_order_id)
+        parent = self.parents.get(order_id) if order_id is not None else None
+        if parent is None or parent.done:
+            return  # finished already: filled, or cancelled by us
+        log.warning(
+            "order %s: child %s: %s", parent.order_id, closed.client_order_id, closed.reason
+        )
+        parent.on_child_refused(closed.client_order_id)
+        await self._stop_working(parent, now_ns)
+        await self._cancelled(parent, f"{closed.reason}: child {closed.client_order_id}")
 
     # --- working an order --------------------------------------------------------------------
 
