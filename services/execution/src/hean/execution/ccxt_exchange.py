@@ -271,12 +271,24 @@ class CcxtExchange(Exchange):
                 by_symbol.setdefault(self._children[client_id][1], []).append(client_id)
         closed: list[ClosedChild] = []
         for symbol, client_ids in sorted(by_symbol.items()):
-            venue = self._venue_symbol(symbol)
-            listed = {_client_id(o) for o in await self._call(self.client.fetch_open_orders, venue)}
+            venue = cast(str, self._venue_symbol(symbol))
+            # What failed is asked again next time; what was found is reported now (it is
+            # forgotten here, so it must not be lost to a later symbol's failure).
+            try:
+                # Bybit lists 50 at most: one beyond that is looked up, and found open.
+                orders = await self._call(self.client.fetch_open_orders, venue, None, 50)
+            except (TransientError, OrderRefusedError) as exc:
+                log.warning("%s: listing open orders of %s failed: %s", self.name, symbol, exc)
+                continue
+            listed = {_client_id(order) for order in orders}
             for client_id in client_ids:
                 if client_id in listed:
                     continue
-                order = await self.find_order(cast(str, venue), client_id)
+                try:
+                    order = await self.find_order(venue, client_id)
+                except TransientError as exc:
+                    log.warning("%s: looking up %s failed: %s", self.name, client_id, exc)
+                    continue
                 status = str((order or {}).get("status") or "")
                 if order is None or status not in _CLOSED_BY_VENUE:
                     continue  # not listed yet, or filled: its trades tell
