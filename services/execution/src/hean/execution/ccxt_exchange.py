@@ -97,6 +97,16 @@ SEEN_TRADES_KEEP_MS = 86_400_000
 _API_KEYS = ("spot", "futures", "v2", "public", "private")
 
 
+@dataclass(slots=True)
+class _OpenChild:
+    """A child placed and not yet filled in full nor cancelled."""
+
+    symbol: str
+    qty: Decimal
+    placed_ms: int
+    left: Decimal  # not filled yet, by the fills polled so far
+
+
 @dataclass(frozen=True, slots=True)
 class CcxtConfig:
     exchange_id: str = "bybit"
@@ -120,8 +130,7 @@ class CcxtExchange(Exchange):
         self.client: Any = client if client is not None else _make_client(config)
         self._symbols: dict[str, str] = {}  # ours -> ccxt's unified symbol
         self._children: dict[str, tuple[str, str]] = {}  # client id -> (venue id, our symbol)
-        self._open: dict[str, Decimal] = {}  # client id -> quantity not filled yet
-        self._placed: dict[str, tuple[int, Decimal]] = {}  # open child -> (ms, quantity)
+        self._open: dict[str, _OpenChild] = {}  # by client id
         self._states_polled_ms = 0
         self._seen_trades: dict[str, int] = {}  # venue trade id -> its time (ms), recent only
         self._since_ms: dict[str, int] = {}  # per symbol: where the next fill poll starts
@@ -176,13 +185,14 @@ class CcxtExchange(Exchange):
             params["reduceOnly"] = True
         order = await self._create(venue, child, params)
         exchange_id = str(order.get("id") or "")
-        if not any(self._children[c][1] == child.symbol for c in self._open):
+        if not any(c.symbol == child.symbol for c in self._open.values()):
             # Nothing of this symbol is being polled: its fills start now, whatever an
             # earlier order's last poll left (an old start would ask a week-long window).
             self._since_ms[child.symbol] = now_ns // 1_000_000 - POLL_OVERLAP_MS
         self._children[child.client_order_id] = (exchange_id, child.symbol)
-        self._open[child.client_order_id] = child.qty
-        self._placed[child.client_order_id] = (now_ns // 1_000_000, child.qty)
+        self._open[child.client_order_id] = _OpenChild(
+            child.symbol, child.qty, now_ns // 1_000_000, child.qty
+        )
         return PlaceResult(exchange_id, (), child.qty)
 
     async def _create(self, venue: str, child: ChildOrder, params: dict[str, Any]) -> Any:
@@ -251,14 +261,10 @@ class CcxtExchange(Exchange):
             order = await self._call(self.client.cancel_order, exchange_id, venue, params)
         except OrderRefusedError as exc:
             log.info("%s: cancel of %s refused: %s", self.name, client_order_id, exc)
-            self._forget_open(client_order_id)
+            self._open.pop(client_order_id, None)
             return ZERO
-        self._forget_open(client_order_id)
-        return _dec(order.get("remaining")) or ZERO
-
-    def _forget_open(self, client_order_id: str) -> None:
         self._open.pop(client_order_id, None)
-        self._placed.pop(client_order_id, None)
+        return _dec(order.get("remaining")) or ZERO
 
     async def poll_closed(self, now_ns: int) -> list[ClosedChild]:
         now_ms = now_ns // 1_000_000
@@ -266,9 +272,9 @@ class CcxtExchange(Exchange):
             return []
         self._states_polled_ms = now_ms
         by_symbol: dict[str, list[str]] = {}
-        for client_id, (placed_ms, _qty) in self._placed.items():
-            if now_ms - placed_ms >= LISTING_GRACE_MS:
-                by_symbol.setdefault(self._children[client_id][1], []).append(client_id)
+        for client_id, open_child in self._open.items():
+            if now_ms - open_child.placed_ms >= LISTING_GRACE_MS:
+                by_symbol.setdefault(open_child.symbol, []).append(client_id)
         closed: list[ClosedChild] = []
         for symbol, client_ids in sorted(by_symbol.items()):
             venue = cast(str, self._venue_symbol(symbol))
@@ -292,17 +298,16 @@ class CcxtExchange(Exchange):
                 status = str((order or {}).get("status") or "")
                 if order is None or status not in _CLOSED_BY_VENUE:
                     continue  # not listed yet, or filled: its trades tell
-                placed_qty = self._placed[client_id][1]
-                reported = placed_qty - self._open.get(client_id, ZERO)
-                if reported < (_dec(order.get("filled")) or ZERO):
+                open_child = self._open[client_id]
+                if open_child.qty - open_child.left < (_dec(order.get("filled")) or ZERO):
                     continue  # a fill of it is not polled yet: closed once it is
-                self._forget_open(client_id)
+                del self._open[client_id]
                 closed.append(ClosedChild(client_id, f"the venue ended it ({status})"))
         return closed
 
     async def poll_fills(self, now_ns: int) -> list[ExchangeFill]:
         now_ms = now_ns // 1_000_000
-        symbols = {self._children[c][1] for c in self._open if c in self._children}
+        symbols = {open_child.symbol for open_child in self._open.values()}
         answers: list[tuple[str, int, list[dict[str, Any]]]] = []
         for symbol in sorted(symbols):  # all asked before anything is marked seen
             since = self._since_ms.get(symbol, now_ms - POLL_OVERLAP_MS)
@@ -367,12 +372,11 @@ class CcxtExchange(Exchange):
         price = _dec(trade.get("price")) or ZERO
         if qty <= 0 or price <= 0:
             return None
-        left = self._open.get(client_id)
-        if left is not None:  # filled in full: its symbol need not be polled for it again
-            if left - qty <= 0:
-                self._forget_open(client_id)
-            else:
-                self._open[client_id] = left - qty
+        open_child = self._open.get(client_id)
+        if open_child is not None:
+            open_child.left -= qty
+            if open_child.left <= 0:  # filled in full: not polled for any more
+                del self._open[client_id]
         fee = _dec((trade.get("fee") or {}).get("cost")) or ZERO
         return ExchangeFill(
             fill_id=f"{self.name}-{trade_id}",

@@ -405,7 +405,7 @@ class ExecutionService:
         log.warning(
             "order %s: child %s: %s", parent.order_id, closed.client_order_id, closed.reason
         )
-        parent.on_child_refused(closed.client_order_id)
+        parent.on_child_refused(closed.client_order_id)  # gone: not to be cancelled again
         await self._stop_working(parent, now_ns)
         await self._cancelled(parent, f"{closed.reason}: child {closed.client_order_id}")
 
