@@ -361,8 +361,7 @@ class CcxtExchange(Exchange):
                 return trades
 
     def _fill_from_trade(self, trade: dict[str, Any], symbol: str) -> ExchangeFill | None:
-        info = trade.get("info") or {}
-        client_id = str(info.get("orderLinkId") or trade.get("clientOrderId") or "")
+        client_id = _client_id(trade)
         trade_id = str(trade.get("id") or "")
         if client_id not in self._children or not trade_id or trade_id in self._seen_trades:
             return None
@@ -461,7 +460,7 @@ def _make_client(config: CcxtConfig) -> Any:
 
 
 def _client_id(order: dict[str, Any]) -> str:
-    """Our client order id on a ccxt order (Bybit's `orderLinkId`), or ""."""
+    """Our client order id on a ccxt order or trade (Bybit's `orderLinkId`), or ""."""
     info = order.get("info") or {}
     return str(order.get("clientOrderId") or info.get("orderLinkId") or "")
 
