@@ -369,3 +369,37 @@ async def test_guide_example_module_plugs_into_governor_unchanged():
     big = await gov.decide(request("big", "BUY", "2"))
     assert not big.approved
     assert big.reason == "guide: Risk limit exceeded"
+
+
+async def test_two_reduce_only_sells_of_the_whole_position_only_one_approved():
+    # Each alone reduces a long of 5; both filling would leave a short of 5.
+    gov = governor()
+    fill(gov, "x", "BUY", "5")
+    first = await gov.decide(request("a", "SELL", "5", reduce_only=True))
+    assert first.approved
+    second = await gov.decide(request("b", "SELL", "5", reduce_only=True))
+    assert not second.approved
+    assert "reduce-only" in second.reason
+    part = await gov.decide(request("c", "SELL", "1", reduce_only=True))
+    assert not part.approved
+    gov.on_order_closed("a")  # the first was cancelled: its quantity may be sold again
+    assert (await gov.decide(request("d", "SELL", "5", reduce_only=True))).approved
+
+
+async def test_kill_switch_lets_reducing_orders_through_only_up_to_the_position():
+    gov = governor()
+    fill(gov, "x", "BUY", "5")
+    gov.trigger_kill_switch("manual", T0)
+    assert (await gov.decide(request("a", "SELL", "3"))).approved
+    over = await gov.decide(request("b", "SELL", "3"))  # 3 + 3 pending > 5
+    assert not over.approved
+    assert "kill switch active" in over.reason
+    assert (await gov.decide(request("c", "SELL", "2"))).approved
+    fill(gov, "a", "SELL", "3")  # fills release what they reserved
+    assert not (await gov.decide(request("e", "SELL", "1"))).approved  # 2 left, 2 pending
+    # A pending buy does not count towards what a sell may reduce: it may never fill.
+    short = governor()
+    fill(short, "y", "SELL", "4")
+    short.trigger_kill_switch("manual", T0)
+    assert (await short.decide(request("f", "BUY", "4"))).approved
+    assert not (await short.decide(request("g", "BUY", "1"))).approved

@@ -16,7 +16,8 @@ Checks, in order, on every ORDER_REQUEST (an order is approved only if all pass)
 9. every check registered with `register_check` (sync) or `check_bus` (the guide's
    subscriber style) approves.
 
-Orders that reduce a position skip 3 and 5-8 (reducing never breaks a limit further).
+Orders that reduce a position skip 3 and 5-8 (reducing never breaks a limit further). An
+order is reducing only if it still is once every pending order on its side has filled.
 "Worst case" counts approved orders that are not filled yet: the symbol's exposure is the
 larger of |position + all pending buys| and |position + all pending sells|, so no subset
 of pending orders filling can take a position past a limit.
@@ -373,9 +374,16 @@ class RiskGovernor:
         )
 
     def is_reducing(self, symbol: str, side: Side, size: Decimal) -> bool:
+        """True if the order only reduces the position, even once every approved order on
+        the same side that has not filled yet has: two sells of a whole long position are
+        not both reducing (the second would open a short)."""
         position = self.positions.get(symbol, ZERO)
-        signed = size if side is Side.BUY else -size
-        return position != 0 and (position > 0) != (signed > 0) and size <= abs(position)
+        pending = [r.signed_qty for r in self._reserved.values() if r.symbol == symbol]
+        if side is Side.SELL:
+            left = position + sum((q for q in pending if q < 0), ZERO)
+        else:
+            left = -(position + sum((q for q in pending if q > 0), ZERO))
+        return size > 0 and size <= left
 
     def evaluate(self, order: OrderRequestData, timestamp_ns: int) -> Decision:
         """Run the built-in and registered sync checks. Changes no state except rolling
