@@ -218,6 +218,7 @@ async def test_ccxt_rules_from_bybit_instrument(exchange):
     rules = exchange.rules("BTC/USDT")
     assert rules is not None
     assert (rules.tick_size, rules.qty_step, rules.min_qty) == (D("0.1"), D("0.001"), D("0.001"))
+    assert rules.min_notional == D(5)  # lotSizeFilter.minNotionalValue
     assert exchange.rules("DOGE/USDT") is None
 
 
@@ -408,6 +409,38 @@ async def test_ccxt_execution_service_approval_to_fill_on_fake_bybit(venue, exch
     assert list(fake.orders) == ["live-1-1"]
     assert [(f.data["order_id"], f.data["filled_qty"]) for f in fills] == [("live-1", D("0.25"))]
     assert fills[0].data["fill_id"].startswith("bybit-exec-")
+    await bus.stop()
+
+
+async def test_ccxt_size_off_the_venue_step_placed_rounded_down_and_finished(
+    venue, exchange, redis_client
+):
+    # Risk sizes to 0.000001 (ORDER_SIZE_STEP); Bybit's BTCUSDT steps by 0.001 and refuses
+    # anything else ("not a multiple of the qty step" used to reject nearly every order).
+    fake, _ = venue
+    bus = EventBus()
+    fills: list[Event] = []
+    rejected: list[Event] = []
+    bus.subscribe(EventType.ORDER_FILLED, fills.append)
+    bus.subscribe(EventType.ORDER_REJECTED, rejected.append)
+    svc = ExecutionService(
+        bus, exchange, ledger=RedisLedger(redis_client), breaker=CircuitBreaker("bybit")
+    )
+    await svc.start()
+    await bus.start()
+    data = {
+        "order_id": "odd-1",
+        "symbol": "BTC/USDT",
+        "side": "BUY",
+        "size": "0.058333",
+        "reference_price": "100",
+    }
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.publish(Event(event_type=EventType.TICK, data={"symbol": "BTC/USDT", "price": "100"}))
+    await bus.flush(10)
+    assert rejected == []
+    assert fake.orders["odd-1-1"]["qty"] == "0.058"
+    assert [(f.data["filled_qty"], f.data["remaining_qty"]) for f in fills] == [(D("0.058"), 0)]
     await bus.stop()
 
 

@@ -109,6 +109,20 @@ async def test_paper_bad_order_refused_with_reason(order, reason):
         await paper().place(order, 0)
 
 
+async def test_paper_market_child_below_minimum_notional_refused_at_the_last_price():
+    rules = MarketRules("BTC/USDT", qty_step=D("0.001"), min_qty=D("0.001"), min_notional=D(5))
+    ex = paper(markets={"BTC/USDT": rules})
+    with pytest.raises(OrderRefusedError, match=r"value 4\.00 below the minimum notional 5"):
+        await ex.place(child(qty="0.04"), 0)  # 0.04 x 100
+    assert (await ex.place(child(cid="c2", qty="0.05"), 0)).fills
+
+
+def test_rules_min_size_rounds_the_minimum_notional_up_to_the_step():
+    assert BTC_MIN5.min_size(D(60000)) == D("0.000084")
+    assert BTC_MIN5.min_size(None) == BTC_MIN5.min_qty
+    assert BTC.min_size(D(60000)) == BTC.min_qty
+
+
 async def test_paper_same_client_order_id_twice_refused():
     ex = paper()
     await ex.place(child(), 0)
@@ -195,11 +209,53 @@ def test_router_limit_child_carries_price():
 
 @pytest.mark.parametrize(
     ("bad", "reason"),
-    [(order("market", "0.0001"), "below minimum"), (order("limit", price="99.55"), "tick size")],
+    [
+        (order("market", "0.0001"), "size 0.0001 rounded to the qty step 0.001: .*below minimum"),
+        (order("limit", price="99.55"), "tick size"),
+    ],
 )
 def test_router_order_venue_would_refuse_raises(bad, reason):
     with pytest.raises(OrderRefusedError, match=reason):
         ExecutionRouter().route(bad, BTC, 0)
+
+
+def test_router_rounds_the_size_down_to_the_venue_step_and_finishes_there():
+    # Risk sizes to one step for every symbol (0.000001 by default); the venue's is 0.001.
+    parent = ExecutionRouter().route(order("market", "0.008333"), BTC, 0)
+    assert parent.size == D("0.008")
+    (c,) = parent.due_children(0)
+    assert c.qty == D("0.008")
+    assert BTC.refusal(c.qty, None) is None
+    parent.on_fill(c.client_order_id, c.qty)
+    assert parent.status is ParentStatus.FILLED
+    assert parent.remaining == 0
+
+
+BTC_MIN5 = MarketRules(
+    "BTC/USDT",
+    tick_size=D("0.1"),
+    qty_step=D("0.000001"),
+    min_qty=D("0.000001"),
+    min_notional=D(5),
+)
+
+
+def test_router_refuses_an_order_below_the_venue_minimum_notional():
+    with pytest.raises(OrderRefusedError, match="below the minimum notional 5"):
+        ExecutionRouter().route(order("market", "0.00006", reference_price="60000"), BTC_MIN5, 0)
+    with pytest.raises(OrderRefusedError, match="below the minimum notional 5"):
+        ExecutionRouter().route(order("limit", "0.00006", price="60000"), BTC_MIN5, 0)
+
+
+def test_router_slices_never_below_the_venue_minimum_notional():
+    # 20 USDT in 5 TWAP slices would be 4 USDT children; the venue takes 5 at least.
+    parent = ExecutionRouter().route(
+        order("twap", "0.000333", slices=5, duration_s=10, reference_price="60000"), BTC_MIN5, 0
+    )
+    sizes = [s.qty for s in parent.plan]
+    assert sum(sizes) == D("0.000333")
+    assert len(sizes) == 3
+    assert all(q * 60000 >= 5 for q in sizes)
 
 
 def test_router_cancel_stops_algorithm_and_returns_open_children():

@@ -403,3 +403,12 @@ async def test_kill_switch_lets_reducing_orders_through_only_up_to_the_position(
     short.trigger_kill_switch("manual", T0)
     assert (await short.decide(request("f", "BUY", "4"))).approved
     assert not (await short.decide(request("g", "BUY", "1"))).approved
+
+
+async def test_fill_that_finishes_an_order_smaller_than_approved_releases_the_rest():
+    # Execution rounds 0.5 down to the venue's step 0.4 (say) and finishes there.
+    gov = governor()
+    assert (await gov.decide(request("a", "BUY", "0.5"))).approved
+    assert gov.worst_case_notional("BTC/USDT", D(100)) == D(50)
+    gov.on_fill("a", "BTC/USDT", Side.BUY, D("0.4"), D(100), key="f1", finished=True)
+    assert gov.worst_case_notional("BTC/USDT", D(100)) == D(40)  # the position only

@@ -55,6 +55,31 @@ async def test_risk_service_signal_becomes_request_then_approval():
     await bus.stop()
 
 
+async def test_risk_service_fill_with_nothing_remaining_releases_the_reservation():
+    bus, svc, seen = await _wired()
+    await bus.publish(
+        Event(
+            event_type=EventType.SIGNAL,
+            data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
+        )
+    )
+    await bus.flush(5)
+    order_id = seen[EventType.ORDER_APPROVED][0].data["order_id"]  # size 10
+    fill = {
+        "order_id": order_id,
+        "fill_id": "f1",
+        "symbol": "BTC/USDT",
+        "side": "BUY",
+        "fill_price": "100",
+        "filled_qty": "9.9",  # execution rounded the size down to the venue's step
+        "remaining_qty": "0",
+    }
+    await bus.publish(Event(event_type=EventType.ORDER_FILLED, data=fill))
+    await bus.flush(5)
+    assert svc.governor.worst_case_notional("BTC/USDT", D(100)) == D(990)
+    await bus.stop()
+
+
 async def test_risk_service_drawdown_pnl_update_publishes_killswitch_and_rejects():
     bus, svc, seen = await _wired()
     pnl = {"total_pnl": "-600", "realized_pnl": "-600", "unrealized_pnl": "0", "equity": "9400"}

@@ -165,13 +165,15 @@ class CcxtExchange(Exchange):
             return None
         market = self.client.markets[venue]
         precision = market.get("precision") or {}
-        limits = (market.get("limits") or {}).get("amount") or {}
+        limits = market.get("limits") or {}
+        amount = limits.get("amount") or {}
         step = _dec(precision.get("amount")) or Decimal("0.000001")
         return MarketRules(
             symbol,
             tick_size=_dec(precision.get("price")) or Decimal("0.01"),
             qty_step=step,
-            min_qty=_dec(limits.get("min")) or step,
+            min_qty=_dec(amount.get("min")) or step,
+            min_notional=_dec((limits.get("cost") or {}).get("min")) or Decimal(0),
         )
 
     # --- orders --------------------------------------------------------------------------------

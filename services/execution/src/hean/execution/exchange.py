@@ -31,19 +31,33 @@ class OrderRefusedError(PermanentError):
 
 @dataclass(frozen=True, slots=True)
 class MarketRules:
-    """A symbol's trading rules: price tick, quantity step and minimum quantity."""
+    """A symbol's trading rules: price tick, quantity step, minimum quantity and minimum
+    notional (quantity x price; 0: none)."""
 
     symbol: str
     tick_size: Decimal = Decimal("0.01")
     qty_step: Decimal = Decimal("0.000001")
     min_qty: Decimal = Decimal("0.000001")
+    min_notional: Decimal = Decimal(0)
 
     def __post_init__(self) -> None:
         if self.tick_size <= 0 or self.qty_step <= 0 or self.min_qty <= 0:
             raise ValueError(f"{self.symbol}: tick size, qty step and min qty must be > 0")
+        if self.min_notional < 0:
+            raise ValueError(f"{self.symbol}: min notional must be >= 0")
 
     def floor_qty(self, qty: Decimal) -> Decimal:
         return (qty / self.qty_step).to_integral_value(rounding=ROUND_DOWN) * self.qty_step
+
+    def min_size(self, price: Decimal | None) -> Decimal:
+        """The smallest quantity the venue takes at `price`: the minimum quantity, or the
+        minimum notional's quantity rounded up to the step if that is larger."""
+        if self.min_notional <= 0 or price is None or price <= 0:
+            return self.min_qty
+        steps = (self.min_notional / price / self.qty_step).to_integral_value(
+            rounding=ROUND_CEILING
+        )
+        return max(self.min_qty, steps * self.qty_step)
 
     def on_tick(self, price: Decimal) -> bool:
         return price % self.tick_size == 0
@@ -53,14 +67,23 @@ class MarketRules:
         rounding = ROUND_CEILING if up else ROUND_FLOOR
         return steps.to_integral_value(rounding=rounding) * self.tick_size
 
-    def refusal(self, qty: Decimal, price: Decimal | None) -> str | None:
-        """Why the venue would refuse this order, or None."""
+    def refusal(
+        self, qty: Decimal, price: Decimal | None, mark: Decimal | None = None
+    ) -> str | None:
+        """Why the venue would refuse this order, or None. The minimum notional is checked
+        at `price`, else at `mark` (a market order's expected price) if one is given."""
         if qty < self.min_qty:
             return f"order qty {qty} below minimum {self.min_qty} for {self.symbol}"
         if qty % self.qty_step != 0:
             return f"order qty {qty} is not a multiple of the qty step {self.qty_step}"
         if price is not None and not self.on_tick(price):
             return f"price {price} is not a multiple of the tick size {self.tick_size}"
+        at = price if price is not None else mark
+        if self.min_notional > 0 and at is not None and qty * at < self.min_notional:
+            return (
+                f"order value {qty * at:f} below the minimum notional {self.min_notional} "
+                f"for {self.symbol}"
+            )
         return None
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_DOWN, Decimal
 
 from hean.core.types import Side
@@ -84,8 +84,7 @@ class PaperExchange(Exchange):
         if configured is not None:
             return configured
         if symbol in self.last_price and self.config.default_rules is not None:
-            d = self.config.default_rules
-            return MarketRules(symbol, d.tick_size, d.qty_step, d.min_qty)
+            return replace(self.config.default_rules, symbol=symbol)
         return None
 
     async def place(self, child: ChildOrder, now_ns: int) -> PlaceResult:
@@ -94,7 +93,7 @@ class PaperExchange(Exchange):
         rules = self.rules(child.symbol)
         if rules is None:
             raise OrderRefusedError(f"unknown symbol {child.symbol}")
-        refusal = rules.refusal(child.qty, child.price)
+        refusal = rules.refusal(child.qty, child.price, self.last_price.get(child.symbol))
         if refusal is not None:
             raise OrderRefusedError(refusal)
         if child.client_order_id in self._client_ids:

@@ -23,7 +23,7 @@ unique client ids refuses a repeat.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from typing import Any
@@ -195,13 +195,25 @@ class ExecutionRouter:
         volumes: Sequence[Decimal] = (),
     ) -> ParentOrder:
         """Plan `order` (ORDER_APPROVED data). Raises `OrderRefusedError` for an order the
-        venue would refuse (size below minimum or off step, price off tick)."""
+        venue would refuse (price off tick; size or value below its minimum).
+
+        The size is rounded down to the venue's quantity step (risk sizes to one step for
+        every symbol; the venue's is often coarser): the order is worked, and finishes, at
+        the rounded size. Children are never below the venue's minimum quantity or, at the
+        order's price (a market order's: risk's reference price), its minimum notional."""
         algorithm = OrderType(str(order.get("type") or "market").lower())
-        size = Decimal(order["size"])
+        approved = Decimal(order["size"])
+        size = rules.floor_qty(approved)
         price = Decimal(order["price"]) if order.get("price") is not None else None
-        refusal = rules.refusal(size, price)
+        ref = order.get("reference_price")
+        mark = Decimal(ref) if ref is not None else None
+        refusal = rules.refusal(size, price, mark)
         if refusal is not None:
+            if size != approved:
+                refusal = f"size {approved} rounded to the qty step {rules.qty_step}: {refusal}"
             raise OrderRefusedError(refusal)
+        # Plan with the smallest child the venue takes at this price.
+        rules = replace(rules, min_qty=rules.min_size(price if price is not None else mark))
         child_type: ChildType = "limit" if price is not None else "market"
         if algorithm is OrderType.MARKET:
             child_type, price = "market", None

@@ -317,6 +317,15 @@ class ExecutionService:
         except OrderRefusedError as exc:
             await self._reject(order_id, symbol, exc.reason)
             return
+        if parent.size != Decimal(data["size"]):
+            log.info(
+                "order %s: size %s rounded down to %s (%s's qty step %s)",
+                order_id,
+                data["size"],
+                parent.size,
+                symbol,
+                rules.qty_step,
+            )
         self.parents[order_id] = parent
         try:
             await self._work(parent, event.timestamp)

@@ -226,9 +226,19 @@ class RiskGovernor:
             self.marks[symbol] = price
 
     def on_fill(
-        self, order_id: str, symbol: str, side: Side, qty: Decimal, price: Decimal, key: str
+        self,
+        order_id: str,
+        symbol: str,
+        side: Side,
+        qty: Decimal,
+        price: Decimal,
+        key: str,
+        *,
+        finished: bool = False,
     ) -> bool:
-        """Apply a fill (deduplicated by `key`); False if seen before."""
+        """Apply a fill (deduplicated by `key`); False if seen before. `finished`: the
+        order has nothing left to fill (execution may work less than was approved: its
+        size rounded down to the venue's step), so it reserves nothing any more."""
         if key in self._seen_fills:
             return False
         self._seen_fills.add(key)
@@ -238,7 +248,7 @@ class RiskGovernor:
         res = self._reserved.get(order_id)
         if res is not None:
             left = res.signed_qty - signed
-            if left == 0 or (left > 0) != (res.signed_qty > 0):
+            if finished or left == 0 or (left > 0) != (res.signed_qty > 0):
                 del self._reserved[order_id]
             else:
                 res.signed_qty = left

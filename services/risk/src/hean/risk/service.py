@@ -280,6 +280,7 @@ class RiskService:
         key = str(
             data.get("fill_id") or f"{data['order_id']}:{data['filled_qty']}:{data['fill_price']}"
         )
+        remaining = data.get("remaining_qty")
         return self.governor.on_fill(
             str(data["order_id"]),
             str(data["symbol"]),
@@ -287,6 +288,7 @@ class RiskService:
             Decimal(data["filled_qty"]),
             Decimal(data["fill_price"]),
             key,
+            finished=remaining is not None and Decimal(remaining) == 0,
         )
 
     async def on_fill(self, event: Event) -> None:
