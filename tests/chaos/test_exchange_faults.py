@@ -345,7 +345,8 @@ async def test_health_circuit_breaker_field_shows_the_exchange_breaker(
 @pytest.mark.timeout(120)
 async def test_outage_fill_polling_goes_through_the_breaker(rig: Rig, report: Report) -> None:
     # A limit below the market rests: its symbol is polled for fills on every tick.
-    await rig.approve("x-resting", limit=str(rig.fake.price - 10))
+    # 0.06 at 10 below the price: above the venue's 5 USDT minimum notional
+    await rig.approve("x-resting", size="0.06", limit=str(rig.fake.price - 10))
 
     async def placed() -> bool:
         return any(
