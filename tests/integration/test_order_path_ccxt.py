@@ -360,6 +360,50 @@ async def test_ccxt_child_the_venue_ended_by_itself_reported_closed_once(venue, 
     assert await exchange.poll_closed(t0 + 20 * s) == []  # once
 
 
+async def test_ccxt_child_filled_before_our_cancel_still_reports_its_fill(venue, exchange):
+    fake, _ = venue
+    s = 1_000_000_000
+    t0 = time.time_ns()
+    await exchange.place(child("k-1-1", type_="limit", price="90.0"), t0)
+    await exchange.place(child("k-2-1", type_="limit", price="91.0"), t0)
+    fake.fill_resting("k-1-1")  # fills between two polls ...
+    assert await exchange.cancel("k-1-1", t0) == 0  # ... so the cancel is refused
+    assert await exchange.cancel("k-2-1", t0) == 0  # cancelled
+    fills = await exchange.poll_fills(t0 + s)
+    assert [(f.client_order_id, f.qty) for f in fills] == [("k-1-1", D("0.5"))]
+    assert await exchange.poll_closed(t0 + 10 * s) == []  # our cancel: nothing to report
+    assert exchange._open == {}  # both let go: nothing left to poll
+    assert await exchange.poll_fills(t0 + 20 * s) == []
+
+
+async def test_ccxt_kill_switch_after_an_unpolled_fill_reports_the_fill(venue, exchange):
+    fake, _ = venue
+    bus = EventBus()
+    fills: list[Event] = []
+    cancelled: list[Event] = []
+    bus.subscribe(EventType.ORDER_FILLED, fills.append)
+    bus.subscribe(EventType.ORDER_CANCELLED, cancelled.append)
+    svc = ExecutionService(bus, exchange, breaker=CircuitBreaker("bybit"))
+    await svc.start()
+    await bus.start()
+    data = {"order_id": "ks", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
+    data |= {"type": "limit", "price": "90"}
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.flush(10)
+    fake.fill_resting("ks-1")
+    trigger = {"reason": "daily drawdown", "triggered_by": "risk"}
+    await bus.publish(Event(event_type=EventType.KILLSWITCH_TRIGGERED, data=trigger))
+    await bus.flush(10)
+    assert [e.data["order_id"] for e in cancelled] == ["ks"]
+    for n in range(3):
+        tick = {"symbol": "BTC/USDT", "price": "100"}
+        at = time.time_ns() + n * 10 * 1_000_000_000
+        await bus.publish(Event(event_type=EventType.TICK, data=tick, timestamp=at))
+        await bus.flush(10)
+    assert [(f.data["order_id"], f.data["filled_qty"]) for f in fills] == [("ks", D("0.25"))]
+    await bus.stop()
+
+
 async def test_ccxt_order_the_venue_cancelled_is_reported_cancelled(venue, exchange):
     # Trades say nothing of a cancel: without asking for order states the order would stay
     # working for ever (risk keeping its reservation, the ledger listing it open).

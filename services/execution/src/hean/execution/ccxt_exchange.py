@@ -16,8 +16,10 @@
   become `OrderRefusedError` with the venue's message. ccxt's own rate limiter is on.
 - The execution service calls every method through its circuit breaker.
 - Fills are polled from the venue's execution list (`fetch_my_trades`), deduplicated by
-  the venue's execution id, for the symbols with a child still open (one not filled in
-  full nor cancelled). Each poll asks from `POLL_OVERLAP_MS` before the previous one on,
+  the venue's execution id, for the symbols with a child whose fills may not all be in:
+  one not filled in full and not yet seen closed on the venue. A child we cancel stays
+  polled until then too, so a fill made before the cancel took (or since the last poll) is
+  still reported. Each poll asks from `POLL_OVERLAP_MS` before the previous one on,
   never from an old placement: a venue answers a start time with a bounded window after
   it (Bybit: seven days), so a start left at the last fill would stop seeing new fills a
   week after a quiet spell. A full page is followed by the page before it. Nothing is
@@ -27,6 +29,7 @@
   up. One the venue cancelled, expired or rejected by itself (slippage protection, a
   reduce-only order after the position closed, a time-in-force) is reported closed by
   `poll_closed` once its fills are all in, so the order does not stay working for ever.
+  One we cancelled is let go the same way, without a report.
 
 Tests point ccxt at a local fake Bybit v5 server by overriding its API urls (`api_url`);
 nothing here talks to the internet on its own.
@@ -99,12 +102,14 @@ _API_KEYS = ("spot", "futures", "v2", "public", "private")
 
 @dataclass(slots=True)
 class _OpenChild:
-    """A child placed and not yet filled in full nor cancelled."""
+    """A child placed whose fills may not all be polled yet: not filled in full, and not
+    seen closed on the venue with every fill it had polled."""
 
     symbol: str
     qty: Decimal
     placed_ms: int
     left: Decimal  # not filled yet, by the fills polled so far
+    cancelled: bool = False  # we cancelled it (or the venue refused: gone already)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,13 +264,17 @@ class CcxtExchange(Exchange):
         exchange_id, our_symbol = known
         venue = self._venue_symbol(our_symbol)
         params = {"orderLinkId": client_order_id} if not exchange_id else {}
+        # The child stays polled: it may have filled since the last poll (or until the
+        # venue took the cancel), and those fills must still be reported. poll_closed lets
+        # it go once the venue lists it closed and its fills are in.
+        open_child = self._open.get(client_order_id)
+        if open_child is not None:
+            open_child.cancelled = True
         try:
             order = await self._call(self.client.cancel_order, exchange_id, venue, params)
         except OrderRefusedError as exc:
             log.info("%s: cancel of %s refused: %s", self.name, client_order_id, exc)
-            self._open.pop(client_order_id, None)
             return ZERO
-        self._open.pop(client_order_id, None)
         return _dec(order.get("remaining")) or ZERO
 
     async def poll_closed(self, now_ns: int) -> list[ClosedChild]:
@@ -297,14 +306,18 @@ class CcxtExchange(Exchange):
                 except TransientError as exc:
                     log.warning("%s: looking up %s failed: %s", self.name, client_id, exc)
                     continue
+                open_child = self._open[client_id]
+                if order is None and open_child.cancelled:
+                    del self._open[client_id]  # the venue knows no such order: nothing to poll
+                    continue
                 status = str((order or {}).get("status") or "")
                 if order is None or status not in _CLOSED_BY_VENUE:
                     continue  # not listed yet, or filled: its trades tell
-                open_child = self._open[client_id]
                 if open_child.qty - open_child.left < (_dec(order.get("filled")) or ZERO):
                     continue  # a fill of it is not polled yet: closed once it is
                 del self._open[client_id]
-                closed.append(ClosedChild(client_id, f"the venue ended it ({status})"))
+                if not open_child.cancelled:
+                    closed.append(ClosedChild(client_id, f"the venue ended it ({status})"))
         return closed
 
     async def poll_fills(self, now_ns: int) -> list[ExchangeFill]:
