@@ -629,3 +629,36 @@ async def test_risk_started_while_redis_refuses_writes_starts_once_it_takes_them
     finally:
         await client.config_set("maxmemory", 0)
         await client.aclose()
+
+
+async def test_kill_switch_whose_write_redis_refused_is_written_and_announced_on_redelivery(
+    redis_url, redis_client
+):
+    """The drawdown PNL_UPDATE turns the governor's switch on, then Redis refuses the
+    write (out of memory under `noeviction`). The redelivered event must write and
+    announce it, not skip it as 'already active' (it would be off after a restart, and
+    execution would never have cancelled anything)."""
+    bus, svc = await start_risk(redis_url, redis_client)
+    pnl = Event(
+        event_type=EventType.PNL_UPDATE,
+        data={"total_pnl": "-600", "realized_pnl": "-600", "unrealized_pnl": "0", "equity": "9400"},
+    )
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(Exception, match="maxmemory"):
+            await svc.on_pnl(pnl)
+        assert svc.governor.kill_switch.active
+        assert await redis_client.hgetall(KILLSWITCH_KEY) == {}
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+    await svc.on_pnl(pnl)  # the bus redelivers the event
+    await bus.flush(10)
+    saved = await redis_client.hgetall(KILLSWITCH_KEY)
+    assert (saved[b"active"], saved[b"announced"]) == (b"1", b"1")
+    announced = await events(redis_url, EventType.KILLSWITCH_TRIGGERED)
+    assert [e.data["reason"] for e in announced] == [svc.governor.kill_switch.reason]
+    await svc.on_pnl(pnl)  # and once announced, not again
+    await bus.flush(10)
+    assert len(await events(redis_url, EventType.KILLSWITCH_TRIGGERED)) == 1
+    await bus.stop()

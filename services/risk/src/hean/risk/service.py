@@ -4,7 +4,8 @@ Durable state in Redis (keys `hean:risk:*`):
 
 - `hean:risk:killswitch` (hash: active, reason, timestamp, announced): written before
   KILLSWITCH_TRIGGERED is published, read at start. A switch found active but not
-  announced (a crash between the two) is announced again at start.
+  announced (a crash between the two) is announced again at start; one whose write failed
+  (Redis refusing writes) is written and announced when the event or command is retried.
 - `hean:risk:day` (hash: day, start_equity): the UTC day and its starting equity.
 - `hean:risk:commands` (stream): the command path for the gateway and operators.
   `XADD hean:risk:commands * command trigger reason "<why>"` or `command reset`. Read through
@@ -121,6 +122,8 @@ class RiskService:
         self.bus = bus
         self.governor = governor
         self._saved_day: tuple[int, Decimal] | None = None  # what DAY_KEY holds
+        #: The kill switch state known written and announced (`_hold_kill_switch`).
+        self._announced: KillSwitchState | None = None
         #: Orders decided as they were sized (oldest first): their requests read back are
         #: skipped.
         self._answered: OrderedDict[str, None] = OrderedDict()
@@ -186,6 +189,8 @@ class RiskService:
         state = {as_str(k): as_str(v) for k, v in raw.items()}
         if state:
             gov.kill_switch = KillSwitchState.from_mapping(state)
+            if state.get("announced") == "1":
+                self._announced = gov.kill_switch
         day = {as_str(k): as_str(v) for k, v in (await self.redis.hgetall(DAY_KEY)).items()}
         if day.get("day"):
             gov.day = int(day["day"])
@@ -199,13 +204,8 @@ class RiskService:
             fills += self._apply_fill(event)
         pnl = await self._last_pnl_update()
         if pnl is not None:
-            triggered = gov.on_pnl(pnl.data, pnl.timestamp)
-            if triggered is not None:
-                await self._persist_and_announce(triggered)
-            elif gov.kill_switch.active and state.get("announced") != "1":
-                await self._announce(gov.kill_switch)
-        elif gov.kill_switch.active and state.get("announced") != "1":
-            await self._announce(gov.kill_switch)
+            gov.on_pnl(pnl.data, pnl.timestamp)
+        await self._hold_kill_switch()
         log.info(
             "risk restored: %d fills, equity %s, kill switch %s",
             fills,
@@ -303,10 +303,9 @@ class RiskService:
         self.governor.on_order_closed(str(event.data["order_id"]))
 
     async def on_pnl(self, event: Event) -> None:
-        triggered = self.governor.on_pnl(event.data, event.timestamp)
+        self.governor.on_pnl(event.data, event.timestamp)
+        await self._hold_kill_switch()
         await self._save_day()
-        if triggered is not None:
-            await self._persist_and_announce(triggered)
         self._update_metrics()
 
     async def on_tick(self, event: Event) -> None:
@@ -320,11 +319,9 @@ class RiskService:
     async def trigger_kill_switch(self, reason: str, timestamp_ns: int) -> bool:
         """Activate the kill switch by command; False if it was already active."""
         state = self.governor.trigger_kill_switch(reason, timestamp_ns)
-        if state is None:
-            return False
-        await self._persist_and_announce(state)
+        await self._hold_kill_switch()
         self._update_metrics()
-        return True
+        return state is not None
 
     async def reset_kill_switch(self, timestamp_ns: int) -> bool:
         """Clear the kill switch (the only way to); False if it was not active."""
@@ -339,6 +336,16 @@ class RiskService:
         log.warning("kill switch reset")
         self._update_metrics()
         return True
+
+    async def _hold_kill_switch(self) -> None:
+        """Persist and announce an active kill switch that is not yet. The governor turns
+        it on first; if the write or the announcement then fails (Redis refusing writes or
+        dropping the connection), the redelivered event or command finds it on but not
+        announced and does both again, instead of skipping it as already active (lost at
+        the next restart, and execution never cancelling)."""
+        state = self.governor.kill_switch
+        if state.active and state is not self._announced:
+            await self._persist_and_announce(state)
 
     async def _persist_and_announce(self, state: KillSwitchState) -> None:
         log.critical("KILL SWITCH TRIGGERED: %s", state.reason)
@@ -357,6 +364,7 @@ class RiskService:
         )
         if self.redis is not None:
             await self.redis.hset(KILLSWITCH_KEY, "announced", "1")
+        self._announced = state
 
     async def _last_pnl_update(self, scan: int = 1000) -> Event | None:
         """The newest valid PNL_UPDATE in the stream. Anyone who can write to Redis can add
