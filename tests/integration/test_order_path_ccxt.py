@@ -527,3 +527,74 @@ async def test_ccxt_restart_reconciles_open_venue_order_by_cancelling_it(venue, 
     assert svc.reconciled == ["rest-1"]
     await bus.stop()
     await second.close()
+
+
+async def _rest_then_die(fake: FakeBybit, config: CcxtConfig, redis_client: Any, oid: str) -> None:
+    """A first execution places a resting limit `oid` of 0.5 and dies with it open."""
+    first = CcxtExchange(config)
+    bus = EventBus()
+    svc = ExecutionService(bus, first, ledger=RedisLedger(redis_client))
+    await svc.start()
+    await bus.start()
+    data = {"order_id": oid, "symbol": "BTC/USDT", "side": "BUY", "size": "0.5"}
+    data |= {"type": "limit", "price": "90"}
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.flush(10)
+    assert fake.orders[f"{oid}-1"]["orderStatus"] == "New"
+    await bus.stop()
+    await first.close()
+
+
+async def _restart(config: CcxtConfig, redis_client: Any) -> tuple[ExecutionService, list[Event]]:
+    second = CcxtExchange(config)
+    bus = EventBus()
+    seen: list[Event] = []
+    for etype in (EventType.ORDER_FILLED, EventType.ORDER_CANCELLED):
+        bus.subscribe(etype, seen.append)
+    svc = ExecutionService(bus, second, ledger=RedisLedger(redis_client))
+    await svc.start()  # reconciles before subscribing to new work
+    await bus.start()
+    await bus.flush(10)
+    await bus.stop()
+    return svc, seen  # its exchange still open: the caller closes it
+
+
+async def test_ccxt_restart_reports_a_fill_made_while_execution_was_down(venue, redis_client):
+    fake, url = venue
+    config = CcxtConfig(api_key="k", api_secret="s", api_url=url, retry_initial_s=0.01)
+    await _rest_then_die(fake, config, redis_client, "down-1")
+    fake.fill_resting("down-1-1")  # fills on the venue while no execution runs
+    svc, seen = await _restart(config, redis_client)
+    assert [(e.event_type, e.data["filled_qty"]) for e in seen] == [
+        (EventType.ORDER_FILLED, D("0.5"))
+    ]
+    fill = seen[0].data
+    assert (fill["order_id"], fill["client_order_id"], fill["remaining_qty"]) == (
+        "down-1", "down-1-1", 0,
+    )  # fmt: skip
+    assert fill["fill_id"] == f"bybit-{fake.executions[-1]['execId']}"
+    assert svc.reconciled == ["down-1"]
+    assert await RedisLedger(redis_client).open_orders() == {}
+    await svc.exchange.close()
+
+
+async def test_ccxt_restart_reports_a_partial_fill_then_cancels_the_rest(venue, redis_client):
+    fake, url = venue
+    config = CcxtConfig(api_key="k", api_secret="s", api_url=url, retry_initial_s=0.01)
+    await _rest_then_die(fake, config, redis_client, "part-1")
+    order = fake.orders["part-1-1"]
+    fake._execute(order, D("0.2"), D("90"), maker=True)
+    order.update(leavesQty="0.3", cumExecQty="0.2", orderStatus="New")  # still resting
+    svc, seen = await _restart(config, redis_client)
+    assert order["orderStatus"] == "Cancelled"
+    assert [(e.event_type, e.data["filled_qty"]) for e in seen] == [
+        (EventType.ORDER_FILLED, D("0.2")),
+        (EventType.ORDER_CANCELLED, D("0.2")),
+    ]
+    assert seen[0].data["remaining_qty"] == D("0.3")
+    # A fill some ORDER_FILLED already reports is not reported again.
+    claimed_ms = str(time.time_ns() // 1_000_000 - 60_000)
+    leftovers = {"part-1": {"symbol": "BTC/USDT", "size": "0.5", "claimed_ms": claimed_ms}}
+    published = {"part-1": {seen[0].data["fill_id"]: D("0.2")}}
+    assert await svc._venue_fills(leftovers, published) == {}
+    await svc.exchange.close()

@@ -405,13 +405,33 @@ class CcxtExchange(Exchange):
             timestamp_ns=timestamp_ms * 1_000_000,
         )
 
+    async def fills_since(
+        self, symbol: str, since_ns: int, order_ids: Collection[str], now_ns: int
+    ) -> list[ExchangeFill]:
+        if self._venue_symbol(symbol) is None:
+            return []
+        now_ms = now_ns // 1_000_000
+        trades = await self._trades(symbol, since_ns // 1_000_000 - POLL_OVERLAP_MS, now_ms)
+        fills: list[ExchangeFill] = []
+        for trade in sorted(trades, key=lambda t: int(t.get("timestamp") or 0)):
+            client_id = _client_id(trade)
+            if client_id.rpartition("-")[0] not in order_ids:
+                continue
+            # Known from now on: a later poll's overlap must not report it again.
+            self._children.setdefault(client_id, ("", symbol))
+            fill = self._fill_from_trade(trade, symbol)
+            if fill is not None:
+                fills.append(fill)
+        return fills
+
     async def open_client_order_ids(self, symbols: Collection[str] = ()) -> list[str]:
         ids: list[str] = []
         for symbol in sorted({s for _, s in self._children.values()} | set(symbols)):
             venue = self._venue_symbol(symbol)
             if venue is None:
                 continue
-            orders = await self._call(self.client.fetch_open_orders, venue)
+            # Bybit lists 20 unless asked for more, 50 at most.
+            orders = await self._call(self.client.fetch_open_orders, venue, None, 50)
             for order in orders:
                 client_id = order.get("clientOrderId")
                 if client_id:

@@ -179,6 +179,15 @@ class Exchange(ABC):
         reported their fills. A simulator closes nothing by itself: []."""
         return []
 
+    async def fills_since(
+        self, symbol: str, since_ns: int, order_ids: Collection[str], now_ns: int
+    ) -> list[ExchangeFill]:
+        """The venue's fills on `symbol` from `since_ns` on of the children of `order_ids`
+        (client ids `<order_id>-<n>`), oldest first: what a previous run's orders filled
+        that it may not have reported (reconciliation). A simulator keeps nothing across a
+        restart: []."""
+        return []
+
     async def open_client_order_ids(self, symbols: Collection[str] = ()) -> list[str]:
         """Client ids of our orders still open on the venue (for reconciliation), looking at
         `symbols` as well as the symbols this process traded."""

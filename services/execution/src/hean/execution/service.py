@@ -5,9 +5,11 @@ KILLSWITCH_TRIGGERED cancels every open order and algorithm.
 Idempotency: an ORDER_APPROVED is worked only after `ledger.claim(order_id)` succeeded (an
 atomic marker in Redis), so a redelivery, even to a restarted process, places nothing.
 After a restart, orders the ledger still lists as open are reconciled before new work
-starts: children still open on the venue are cancelled and the parent is reported
-ORDER_CANCELLED ("execution restarted"), so risk releases what it reserved; one that the
-ORDER_FILLED events already in Redis fill completely is closed as filled instead.
+starts: children still open on the venue are cancelled; then the venue's fills of the
+order's children since its claim that no ORDER_FILLED in Redis reports yet (made while
+execution was down, or before a crash let it publish them) are published; then the parent
+is reported ORDER_CANCELLED ("execution restarted") with what filled, so risk releases
+what it reserved, or closed as filled if the fills complete it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ log = logging.getLogger(__name__)
 FINISHED_MEMORY = 10_000
 #: ORDER_FILLED entries reconciliation reads back when an open order has no claim time.
 RECONCILE_SCAN = 10_000
+#: How far back the venue's fills are asked for an open order the ledger has no claim time
+#: for (claimed by an older version).
+RECONCILE_LOOKBACK_NS = 7 * 86_400 * 1_000_000_000
 
 NonNegDecimal = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
 PosDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
@@ -218,26 +223,51 @@ class ExecutionService:
         fill count goes with the ack of the event that filled, after the ORDER_FILLED is in
         Redis, so a crash in between leaves it behind the stream: the fills already
         published count, and an order they fill completely is closed as filled, not
-        reported cancelled."""
+        reported cancelled. Fills are asked of the venue after the cancels, so what filled
+        until a cancel took is in."""
         leftovers = await self.ledger.open_orders()
         if not leftovers:
             return
         symbols = {info["symbol"] for info in leftovers.values() if info.get("symbol")}
         venue_open = set(await self.exchange.open_client_order_ids(symbols))
-        published: dict[str, Decimal] = {}
-        if self.market_history is not None:
-            published = await self._published_fills(self.market_history, leftovers)
         for order_id, info in leftovers.items():
             for client_id in [c for c in venue_open if c.startswith(f"{order_id}-")]:
                 await self.exchange.cancel(client_id, 0, info.get("symbol"))
-            done = max(Decimal(info.get("filled") or "0"), published.get(order_id, Decimal(0)))
+        published: dict[str, dict[str, Decimal]] = {}
+        if self.market_history is not None:
+            published = await self._published_fills(self.market_history, leftovers)
+        unreported = await self._venue_fills(leftovers, published)
+        for order_id, info in leftovers.items():
+            done = max(
+                Decimal(info.get("filled") or "0"),
+                sum(published.get(order_id, {}).values(), Decimal(0)),
+            )
+            size = self._worked_size(info)
+            for fill in unreported.get(order_id, []):
+                done += fill.qty
+                log.warning(
+                    "order %s: fill %s of %s %s on the venue was not reported before the "
+                    "restart; reported now",
+                    order_id,
+                    fill.fill_id,
+                    fill.qty,
+                    fill.symbol,
+                )
+                self._count_fill(fill)
+                remaining = max(size - done, Decimal(0)) if size is not None else None
+                await self.bus.publish(
+                    Event(
+                        event_type=EventType.ORDER_FILLED,
+                        data=self._filled_data(order_id, fill, done, remaining),
+                    )
+                )
             filled = str(done)
             self.reconciled.append(order_id)
-            if info.get("size") and done >= Decimal(info["size"]):
+            if size is not None and done >= size:
                 await self.ledger.finish(order_id, ParentStatus.FILLED.value, filled)
                 log.warning(
-                    "order %s was filled before the restart (its ORDER_FILLED is in Redis, the "
-                    "ledger had not caught up): closed as filled",
+                    "order %s was filled before the restart (the ledger had not caught up): "
+                    "closed as filled",
                     order_id,
                 )
                 continue
@@ -248,19 +278,54 @@ class ExecutionService:
                         "order_id": order_id,
                         "reason": "execution restarted: open order cancelled on reconciliation",
                         "symbol": info.get("symbol"),
-                        "filled_qty": filled,
+                        "filled_qty": done,
+                        "remaining_qty": size - done if size is not None else None,
                     },
                 )
             )
             await self.ledger.finish(order_id, ParentStatus.CANCELLED.value, filled)
         log.warning("reconciled %d open orders left by a previous run", len(leftovers))
 
+    def _worked_size(self, info: dict[str, str]) -> Decimal | None:
+        """The size an order in the ledger was worked at: the approved size rounded down
+        to the venue's step (see the router), if the ledger has it."""
+        if not info.get("size"):
+            return None
+        size = Decimal(info["size"])
+        rules = self.exchange.rules(info["symbol"]) if info.get("symbol") else None
+        return rules.floor_qty(size) if rules is not None else size
+
+    async def _venue_fills(
+        self, orders: dict[str, dict[str, str]], published: dict[str, dict[str, Decimal]]
+    ) -> dict[str, list[ExchangeFill]]:
+        """Per order of `orders`, the venue's fills of its children that no ORDER_FILLED in
+        Redis reports, asked per symbol from the oldest claim on (a week back for an entry
+        without a claim time, claimed by an older version)."""
+        now_ns = time.time_ns()
+        by_symbol: dict[str, set[str]] = {}
+        since: dict[str, int] = {}
+        for order_id, info in orders.items():
+            symbol = info.get("symbol")
+            if not symbol:
+                continue
+            by_symbol.setdefault(symbol, set()).add(order_id)
+            claimed = info.get("claimed_ms")
+            start = int(claimed) * 1_000_000 if claimed else now_ns - RECONCILE_LOOKBACK_NS
+            since[symbol] = min(since.get(symbol, start), start)
+        found: dict[str, list[ExchangeFill]] = {}
+        for symbol, order_ids in sorted(by_symbol.items()):
+            for fill in await self.exchange.fills_since(symbol, since[symbol], order_ids, now_ns):
+                order_id = fill.client_order_id.rpartition("-")[0]
+                if fill.fill_id not in published.get(order_id, {}):
+                    found.setdefault(order_id, []).append(fill)
+        return found
+
     async def _published_fills(
         self, client: aioredis.Redis, orders: dict[str, dict[str, str]]
-    ) -> dict[str, Decimal]:
-        """Per order of `orders`, the quantity its ORDER_FILLED events already say (each
-        fill id once). Read from the oldest order's claim time on; where a ledger entry has
-        none (claimed by an older version), from the newest RECONCILE_SCAN fills."""
+    ) -> dict[str, dict[str, Decimal]]:
+        """Per order of `orders`, its fills that ORDER_FILLED events already report (fill
+        id -> quantity). Read from the oldest order's claim time on; where a ledger entry
+        has none (claimed by an older version), from the newest RECONCILE_SCAN fills."""
         claimed = [int(info["claimed_ms"]) for info in orders.values() if info.get("claimed_ms")]
         if len(claimed) == len(orders):
             start = f"{min(claimed)}-0"
@@ -269,15 +334,12 @@ class ExecutionService:
                 stream_key(EventType.ORDER_FILLED), count=RECONCILE_SCAN
             )
             start = as_str(newest[-1][0]) if newest else "-"
-        filled: dict[str, Decimal] = {}
-        seen: set[str] = set()
+        filled: dict[str, dict[str, Decimal]] = {}
         history = RedisEventStream(client=client)
         async for event in history.replay_events(EventType.ORDER_FILLED, start):
             order_id, fill_id = str(event.data.get("order_id")), str(event.data.get("fill_id"))
-            if order_id in orders and fill_id not in seen:
-                seen.add(fill_id)
-                qty = Decimal(str(event.data["filled_qty"]))
-                filled[order_id] = filled.get(order_id, Decimal(0)) + qty
+            if order_id in orders:
+                filled.setdefault(order_id, {})[fill_id] = Decimal(str(event.data["filled_qty"]))
         return filled
 
     async def warm_up(self, client: aioredis.Redis, count: int = 500) -> None:
@@ -515,34 +577,43 @@ class ExecutionService:
             log.error("fill %s for unknown child %s", fill.fill_id, fill.client_order_id)
             return
         parent.on_fill(fill.client_order_id, fill.qty)
-        if self.metrics is not None:
-            self.metrics.trades_total.labels(fill.symbol, fill.side.value).inc()
-            self.metrics.trade_volume.labels(fill.symbol).inc(float(fill.qty * fill.price))
-            self.metrics.slippage_bps.labels(fill.symbol).observe(float(fill.slippage_bps))
+        self._count_fill(fill)
         await self.bus.publish(
             Event(
                 event_type=EventType.ORDER_FILLED,
-                data={
-                    "order_id": parent.order_id,
-                    "fill_id": fill.fill_id,
-                    "client_order_id": fill.client_order_id,
-                    "symbol": fill.symbol,
-                    "side": fill.side.value,
-                    "fill_price": fill.price,
-                    "filled_qty": fill.qty,
-                    "fee": fill.fee,
-                    "liquidity": fill.liquidity,
-                    "reference_price": fill.reference_price,
-                    "slippage_bps": fill.slippage_bps,
-                    "cumulative_qty": parent.filled_qty,
-                    "remaining_qty": parent.remaining,
-                    "exchange": self.exchange.name,
-                },
+                data=self._filled_data(parent.order_id, fill, parent.filled_qty, parent.remaining),
             )
         )
         await self._ledger_record_fill(parent.order_id, str(parent.filled_qty))
         if parent.status is ParentStatus.FILLED and parent.order_id in self.parents:
             await self._finish(parent)
+
+    def _count_fill(self, fill: ExchangeFill) -> None:
+        if self.metrics is not None:
+            self.metrics.trades_total.labels(fill.symbol, fill.side.value).inc()
+            self.metrics.trade_volume.labels(fill.symbol).inc(float(fill.qty * fill.price))
+            self.metrics.slippage_bps.labels(fill.symbol).observe(float(fill.slippage_bps))
+
+    def _filled_data(
+        self, order_id: str, fill: ExchangeFill, cumulative: Decimal, remaining: Decimal | None
+    ) -> dict[str, Any]:
+        """ORDER_FILLED data of one fill of `order_id`."""
+        return {
+            "order_id": order_id,
+            "fill_id": fill.fill_id,
+            "client_order_id": fill.client_order_id,
+            "symbol": fill.symbol,
+            "side": fill.side.value,
+            "fill_price": fill.price,
+            "filled_qty": fill.qty,
+            "fee": fill.fee,
+            "liquidity": fill.liquidity,
+            "reference_price": fill.reference_price,
+            "slippage_bps": fill.slippage_bps,
+            "cumulative_qty": cumulative,
+            "remaining_qty": remaining,
+            "exchange": self.exchange.name,
+        }
 
     async def _reject(self, order_id: str, symbol: str, reason: str) -> None:
         log.warning("order %s rejected by %s: %s", order_id, self.exchange.name, reason)
