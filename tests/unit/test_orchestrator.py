@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from hean.core.bus import EventBus
 from hean.core.circuit_breaker import CircuitBreakerOpenError
+from hean.core.errors import TransientError
 from hean.core.metrics import Metrics
 from hean.core.orchestrator import TradingOrchestrator
 
@@ -177,3 +179,37 @@ async def test_orchestrator_metrics_reflect_health() -> None:
     assert "hean_components_healthy 1.0" in text
     assert "hean_orchestrator_uptime_seconds" in text
     await orch.stop()
+
+
+async def test_orchestrator_component_whose_venue_is_down_at_start_is_started_again() -> None:
+    """An exchange down when execution starts (a TransientError from loading its markets)
+    must not leave the process up doing nothing: the component is started again, with
+    backoff, until the venue answers."""
+
+    class VenueDown(Component):
+        def __init__(self) -> None:
+            super().__init__()
+            self.failures = 2
+
+        async def start(self) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise TransientError("bybit: RequestTimeout: timed out")
+            await super().start()
+
+    orch = TradingOrchestrator(bus=EventBus())
+    venue = VenueDown()
+    orch.register_component(name="execution", component=venue)
+    await orch.start()
+    entry = orch.health()["components"]["execution"]
+    assert entry["state"] == "unhealthy"
+    assert "RequestTimeout" in entry["error_message"]
+    assert "unavailable for now: trying again" in entry["error_message"]
+    for _ in range(100):  # backoff 0.2 s, then 0.4 s
+        if venue.calls:
+            break
+        await asyncio.sleep(0.1)
+    assert venue.calls == ["start"]
+    assert orch.health()["components"]["execution"]["state"] == "healthy"
+    await orch.stop()
+    assert venue.calls == ["start", "stop"]

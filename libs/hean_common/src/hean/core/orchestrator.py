@@ -29,6 +29,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from hean.core.bus import Backoff, BusState, EventBus, redis_unavailable
 from hean.core.circuit_breaker import CircuitBreaker, CircuitState
+from hean.core.errors import TransientError
 from hean.core.health import (
     ComponentState,
     HealthReporter,
@@ -152,7 +153,8 @@ class TradingOrchestrator:
         A component whose `start()` raises is marked unhealthy with its error; the others
         still start, and the service reports itself unhealthy rather than dying silently.
         If it raised because Redis was out of reach or refused writes for now (out of
-        memory), it is started again in the background, with backoff, until it starts.
+        memory), or with a `TransientError` (an exchange that is down or timing out), it is
+        started again in the background, with backoff, until it starts.
         """
         if self._running:
             return
@@ -173,7 +175,8 @@ class TradingOrchestrator:
         )
 
     async def _start_component(self, reg: _Registered, *, first: bool) -> bool:
-        """Start one component; False if Redis was unavailable (to be tried again)."""
+        """Start one component; False if Redis or what it needs was unavailable for now
+        (to be tried again)."""
         start = getattr(reg.component, "start", None)
         try:
             if start is not None:
@@ -182,10 +185,13 @@ class TradingOrchestrator:
                     await result
         except Exception as exc:
             reg.start_error = f"start failed: {type(exc).__name__}: {exc}"
-            if not redis_unavailable(exc):
+            if redis_unavailable(exc):
+                reg.start_error += " (Redis unavailable: trying again)"
+            elif isinstance(exc, TransientError):
+                reg.start_error += " (unavailable for now: trying again)"
+            else:
                 log.exception("component %s failed to start", reg.name)
                 return True
-            reg.start_error += " (Redis unavailable: trying again)"
             if first:
                 log.warning("component %s could not start: %s", reg.name, reg.start_error)
             return False
