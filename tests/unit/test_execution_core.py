@@ -82,6 +82,30 @@ async def test_paper_limit_rests_then_fills_as_maker_when_crossed():
     assert fill.fee == D(95) * D("0.0002")
 
 
+async def test_paper_resting_limit_touched_but_not_traded_through_does_not_fill():
+    ex = paper()
+    await ex.place(child(type_="limit", price="99"), 0)
+    assert await ex.on_market_data("BTC/USDT", D(99), D(0), 1) == []  # touched
+    (fill,) = await ex.on_market_data("BTC/USDT", D("98.9"), D(0), 2)  # through
+    assert (fill.price, fill.liquidity) == (D(99), "maker")
+    sell = paper()
+    await sell.place(child(side="SELL", type_="limit", price="101"), 0)
+    assert await sell.on_market_data("BTC/USDT", D(101), D(0), 1) == []
+    assert len(await sell.on_market_data("BTC/USDT", D("101.1"), D(0), 2)) == 1
+
+
+async def test_paper_marketable_limit_rest_rests_as_maker_at_its_limit():
+    # The book takes 100 x 100 now; the other 50 rest at 100 as a venue's would, and do
+    # not fill at 100 once the market has moved up to 110.
+    ex = paper(liquidity_notional=D(10000), base_slippage_bps=D(0), impact_bps=D(0))
+    result = await ex.place(child(type_="limit", price="100", qty="150"), 0)
+    assert [(f.qty, f.liquidity) for f in result.fills] == [(D(100), "taker")]
+    assert result.open_qty == D(50)
+    assert await ex.on_market_data("BTC/USDT", D(110), D(0), 1) == []
+    (fill,) = await ex.on_market_data("BTC/USDT", D("99.9"), D(0), 2)
+    assert (fill.qty, fill.price, fill.liquidity) == (D(50), D(100), "maker")
+
+
 async def test_paper_marketable_limit_never_fills_through_its_price():
     ex = paper(base_slippage_bps=D(100), impact_bps=D(0))
     (fill,) = (await ex.place(child(type_="limit", price="100.5"), 0)).fills

@@ -8,7 +8,9 @@ Model (all figures configurable, see `PaperConfig`):
 - At most `liquidity_notional` is filled per price update; the rest of a market order is
   filled on later updates (partial fills).
 - Resting limit orders fill as maker at their limit price once the market trades through
-  it, again at most `liquidity_notional` per update.
+  it (a price beyond the limit; touching it is not enough: the queue ahead at that price
+  may take all of it), again at most `liquidity_notional` per update. What a marketable
+  limit could not fill at once rests the same way.
 - Fees: `qty x price x (taker_fee_rate | maker_fee_rate)`.
 - `latency_ms` delays each placement's acknowledgement (simulated network time).
 - Unknown symbols (neither configured nor seen in market data), sizes below the minimum and
@@ -114,6 +116,11 @@ class PaperExchange(Exchange):
             fill = self._fill(resting, last, rules, now_ns)
             if fill is not None:
                 fills.append(fill)
+            if child.price is not None:
+                # What the book could not take rests at the limit, as a venue's would: it
+                # fills as maker once the market trades through it, not at once at a price
+                # the market has left.
+                resting.liquidity = "maker"
         if resting.open_qty > 0:
             self.resting[child.client_order_id] = resting
         return PlaceResult(exchange_id, tuple(fills), resting.open_qty)
@@ -136,7 +143,8 @@ class PaperExchange(Exchange):
                 continue
             if resting.liquidity == "maker":
                 assert child.price is not None
-                crossed = price <= child.price if child.side is Side.BUY else price >= child.price
+                # Through, not touching: at the limit price our order may be behind others.
+                crossed = price < child.price if child.side is Side.BUY else price > child.price
                 if not crossed:
                     continue
             fill = self._fill(resting, price, rules, now_ns)
