@@ -21,12 +21,12 @@ from typing import Any, cast
 import pytest
 from aiohttp import web
 
-from hean.core.bus import EventBus
+from hean.core.bus import EventBus, InMemoryTransport
 from hean.core.circuit_breaker import CircuitBreaker
 from hean.core.errors import TransientError
 from hean.core.types import Event, EventType, Side
 from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
-from hean.execution.exchange import ChildOrder, OrderRefusedError
+from hean.execution.exchange import ChildOrder, OrderRefusedError, PlacementUnknownError
 from hean.execution.ledger import RedisLedger
 from hean.execution.service import ExecutionService
 from tests.fakes.bybit_ws import INSTRUMENT, listed_orders
@@ -44,6 +44,8 @@ class FakeBybit:
     requests: list[str] = field(default_factory=list)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     clock_offset_ms: int = 0
+    #: the next create is taken, then answered 503, and this many requests after it fail
+    lose_next_create: int = 0
 
     def now_ms(self) -> int:
         return int(time.time() * 1000) + self.clock_offset_ms
@@ -100,6 +102,9 @@ class FakeBybit:
         self.orders[link] = order
         if body["orderType"] == "Market":
             self._execute(order, qty, self.price, maker=False)
+        if self.lose_next_create:  # taken, but the answer is lost; then the venue degrades
+            self.fail_next, self.lose_next_create = self.lose_next_create, 0
+            return web.Response(status=503, text="Service Unavailable")
         return _reply({"orderId": order_id, "orderLinkId": link})
 
     def _execute(self, order: dict[str, Any], qty: Decimal, price: Decimal, maker: bool) -> None:
@@ -261,6 +266,62 @@ async def test_ccxt_persistent_outage_raises_transient_error_without_resending(v
     # The lookup could not say whether the first create landed, so it is not resent here;
     # the service retries later with the same orderLinkId (the venue refuses a duplicate).
     assert order_requests(fake) == ["POST /v5/order/create"] + ["GET /v5/order/realtime"] * 3
+
+
+async def test_ccxt_order_taken_but_unanswered_and_unfindable_is_tracked_not_lost(venue, exchange):
+    fake, _ = venue
+    fake.lose_next_create = 3  # every lookup attempt fails too
+    t0 = time.time_ns()
+    with pytest.raises(PlacementUnknownError, match="may have been placed"):
+        await exchange.place(child("unk-1-1"), t0)
+    assert fake.orders["unk-1-1"]["orderStatus"] == "Filled"  # the venue did take it
+    exchange.track_unknown(child("unk-1-1"), t0)  # the service's last attempt does this
+    fills = await exchange.poll_fills(t0 + 1_000_000_000)
+    assert [(f.client_order_id, f.qty) for f in fills] == [("unk-1-1", D("0.5"))]
+    assert await exchange.poll_closed(t0 + 10_000_000_000) == []
+
+
+async def test_ccxt_unanswered_order_the_venue_never_got_is_reported_closed(venue, exchange):
+    fake, _ = venue
+    fake.fail_next = 4  # the create and the three lookup attempts
+    t0 = time.time_ns()
+    with pytest.raises(PlacementUnknownError):
+        await exchange.place(child("unk-2-1", type_="limit", price="90.0"), t0)
+    assert fake.orders == {}
+    exchange.track_unknown(child("unk-2-1", type_="limit", price="90.0"), t0)
+    assert await exchange.poll_fills(t0 + 1_000_000_000) == []
+    closed = await exchange.poll_closed(t0 + 10_000_000_000)
+    assert [(c.client_order_id, c.reason) for c in closed] == [
+        ("unk-2-1", "it never reached the venue")
+    ]
+
+
+async def test_ccxt_service_unanswered_placement_on_last_delivery_is_not_rejected(venue, exchange):
+    """The venue took the order but its answer was lost and it could not be asked, on the
+    approval's last delivery (no retry left): the order must not be reported rejected
+    (risk would free its exposure while it fills), nor placed again."""
+    fake, _ = venue
+    bus = EventBus(transport=InMemoryTransport(max_deliveries=1))
+    seen: list[Event] = []
+    for etype in (EventType.ORDER_FILLED, EventType.ORDER_REJECTED, EventType.ORDER_CANCELLED):
+        bus.subscribe(etype, seen.append)
+    svc = ExecutionService(bus, exchange, breaker=CircuitBreaker("bybit"))
+    await svc.start()
+    await bus.start()
+    fake.lose_next_create = 3
+    data = {"order_id": "unk-3", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.flush(10)
+    assert seen == []
+    assert list(fake.orders) == ["unk-3-1"]
+    tick = {"symbol": "BTC/USDT", "price": "100"}
+    await bus.publish(Event(event_type=EventType.TICK, data=tick))
+    await bus.flush(10)
+    assert [(e.event_type, e.data["filled_qty"]) for e in seen] == [
+        (EventType.ORDER_FILLED, D("0.25"))
+    ]
+    assert list(fake.orders) == ["unk-3-1"]  # placed once
+    await bus.stop()
 
 
 async def test_ccxt_find_order_by_client_order_id_open_or_closed(venue, exchange):

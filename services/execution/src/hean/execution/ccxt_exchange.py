@@ -74,6 +74,7 @@ from hean.execution.exchange import (
     ExchangeFill,
     MarketRules,
     OrderRefusedError,
+    PlacementUnknownError,
     PlaceResult,
 )
 
@@ -110,6 +111,7 @@ class _OpenChild:
     placed_ms: int
     left: Decimal  # not filled yet, by the fills polled so far
     cancelled: bool = False  # we cancelled it (or the venue refused: gone already)
+    unknown: bool = False  # its placement went unanswered: the venue may not have it
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,16 +193,23 @@ class CcxtExchange(Exchange):
         if child.reduce_only:
             params["reduceOnly"] = True
         order = await self._create(venue, child, params)
-        exchange_id = str(order.get("id") or "")
+        self._track(child, str(order.get("id") or ""), now_ns)
+        return PlaceResult(str(order.get("id") or ""), (), child.qty)
+
+    def track_unknown(self, child: ChildOrder, now_ns: int) -> None:
+        self._track(child, "", now_ns, unknown=True)
+
+    def _track(
+        self, child: ChildOrder, exchange_id: str, now_ns: int, unknown: bool = False
+    ) -> None:
         if not any(c.symbol == child.symbol for c in self._open.values()):
             # Nothing of this symbol is being polled: its fills start now, whatever an
             # earlier order's last poll left (an old start would ask a week-long window).
             self._since_ms[child.symbol] = now_ns // 1_000_000 - POLL_OVERLAP_MS
         self._children[child.client_order_id] = (exchange_id, child.symbol)
         self._open[child.client_order_id] = _OpenChild(
-            child.symbol, child.qty, now_ns // 1_000_000, child.qty
+            child.symbol, child.qty, now_ns // 1_000_000, child.qty, unknown=unknown
         )
-        return PlaceResult(exchange_id, (), child.qty)
 
     async def _create(self, venue: str, child: ChildOrder, params: dict[str, Any]) -> Any:
         """`create_order`, retried, but never resent while it may have been placed (see the
@@ -221,7 +230,12 @@ class CcxtExchange(Exchange):
                 return {"id": ""}
             except TransientError as exc:
                 if not isinstance(exc.__cause__, DDoSProtection):  # may have been placed
-                    found = await self.find_order(venue, client_id)
+                    try:
+                        found = await self.find_order(venue, client_id)
+                    except TransientError as lookup:
+                        raise PlacementUnknownError(
+                            f"{exc}; it may have been placed, and looking it up failed: {lookup}"
+                        ) from exc
                     if found is not None:
                         log.warning(
                             "%s: %s was placed although its answer was lost (%s); adopted",
@@ -300,6 +314,7 @@ class CcxtExchange(Exchange):
             listed = {_client_id(order) for order in orders}
             for client_id in client_ids:
                 if client_id in listed:
+                    self._open[client_id].unknown = False  # the venue has it
                     continue
                 try:
                     order = await self.find_order(venue, client_id)
@@ -310,6 +325,12 @@ class CcxtExchange(Exchange):
                 if order is None and open_child.cancelled:
                     del self._open[client_id]  # the venue knows no such order: nothing to poll
                     continue
+                if order is None and open_child.unknown:
+                    # Its placement went unanswered, and the venue has no such order.
+                    del self._open[client_id]
+                    closed.append(ClosedChild(client_id, "it never reached the venue"))
+                    continue
+                open_child.unknown = False
                 status = str((order or {}).get("status") or "")
                 if order is None or status not in _CLOSED_BY_VENUE:
                     continue  # not listed yet, or filled: its trades tell
@@ -388,6 +409,7 @@ class CcxtExchange(Exchange):
             return None
         open_child = self._open.get(client_id)
         if open_child is not None:
+            open_child.unknown = False
             open_child.left -= qty
             if open_child.left <= 0:  # filled in full: not polled for any more
                 del self._open[client_id]

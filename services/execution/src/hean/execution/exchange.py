@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_FLOOR, Decimal
 from typing import Literal
 
-from hean.core.errors import PermanentError
+from hean.core.errors import PermanentError, TransientError
 from hean.core.types import Side
 
 ZERO = Decimal(0)
@@ -27,6 +27,12 @@ class OrderRefusedError(PermanentError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class PlacementUnknownError(TransientError):
+    """The venue may have taken the order: it did not answer the placement, and asking it
+    by client order id failed too. Placing it again is safe only under the same client
+    order id (the venue refuses a duplicate); reporting it rejected is not (it may fill)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +169,11 @@ class Exchange(ABC):
 
         `symbol` lets an adapter cancel a child it did not place in this process (after a
         restart)."""
+
+    def track_unknown(self, child: ChildOrder, now_ns: int) -> None:  # noqa: B027
+        """Follow `child`, whose placement went unanswered (`PlacementUnknownError`), as if
+        placed: its fills are reported by `poll_fills`, and `poll_closed` reports it closed
+        if the venue turns out to have no such order. A simulator always answers."""
 
     async def on_market_data(
         self, symbol: str, price: Decimal, volume: Decimal, now_ns: int

@@ -43,6 +43,7 @@ from hean.execution.exchange import (
     ExchangeFill,
     MarketRules,
     OrderRefusedError,
+    PlacementUnknownError,
 )
 from hean.execution.ledger import MemoryLedger, OrderLedger, RedisLedger
 from hean.execution.paper import PaperConfig, PaperExchange
@@ -189,6 +190,9 @@ class ExecutionService:
         # finished parents, so a venue's late fill of a cancelled child is still reported
         self._finished: OrderedDict[str, ParentOrder] = OrderedDict()
         self._child_parent: dict[str, str] = {}
+        #: Children whose placement went unanswered on an earlier attempt (they may be on the
+        #: venue): retried under the same client id, never reported rejected.
+        self._maybe_placed: set[str] = set()
         self._volumes: dict[str, deque[Decimal]] = {}
         self._candle_history = candle_history
         self.reconciled: list[str] = []
@@ -490,6 +494,7 @@ class ExecutionService:
             try:
                 result = await self.breaker.call(self.exchange.place, child, now_ns)
             except OrderRefusedError as exc:
+                self._maybe_placed.discard(child.client_order_id)  # this answer says no
                 parent.on_child_refused(child.client_order_id)
                 if parent.filled_qty == 0 and parent.children_sent == 1:
                     parent.status = ParentStatus.REJECTED
@@ -499,8 +504,26 @@ class ExecutionService:
                     await self._cancelled(parent, f"exchange refused a child order: {exc.reason}")
                 return
             except (TransientError, CircuitBreakerOpenError) as exc:
-                parent.unsend(child)
                 self._count_api_error(exc)
+                cid = child.client_order_id
+                if isinstance(exc, PlacementUnknownError):
+                    self._maybe_placed.add(cid)
+                if is_last_attempt() and cid in self._maybe_placed:
+                    # An attempt may have reached the venue: the order must not be reported
+                    # rejected while it may fill. It is followed as placed; the venue's
+                    # answer ends it (its fills, or "it never reached the venue").
+                    self._maybe_placed.discard(cid)
+                    self.exchange.track_unknown(child, now_ns)
+                    self._child_parent[cid] = parent.order_id
+                    log.warning(
+                        "order %s: child %s may have reached the venue (%s); followed until "
+                        "the venue says",
+                        parent.order_id,
+                        cid,
+                        exc,
+                    )
+                    return
+                parent.unsend(child)
                 if is_last_attempt():
                     # This approval's retries are used up (the venue stayed down): give the
                     # order a visible end, so risk frees its reservation, rather than a dead
@@ -514,6 +537,7 @@ class ExecutionService:
                         await self._cancelled(parent, reason)
                     return
                 raise TransientError(str(exc)) from exc
+            self._maybe_placed.discard(child.client_order_id)
             self._child_parent[child.client_order_id] = parent.order_id
             await self._placed(parent, child, result.exchange_order_id)
             for fill in result.fills:
