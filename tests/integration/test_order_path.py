@@ -662,3 +662,33 @@ async def test_kill_switch_whose_write_redis_refused_is_written_and_announced_on
     await bus.flush(10)
     assert len(await events(redis_url, EventType.KILLSWITCH_TRIGGERED)) == 1
     await bus.stop()
+
+
+async def test_risk_restart_does_not_decide_again_what_it_decided_before(redis_url, redis_client):
+    """Risk decides an order as it sizes the SIGNAL and skips its own ORDER_REQUEST when it
+    reads it back; a restart before that read (or before the SIGNAL's ack) used to decide
+    the order again: a second approval, and a reservation that no fill or cancel released."""
+    bus, svc = await start_risk(redis_url, redis_client)  # makes risk's groups
+    await bus.stop()
+    await svc.stop()
+    # What the previous run left: its decision of o-1 (approved, then filled) and its own
+    # request of o-1, not yet read back.
+    request = {"order_id": "o-1", "symbol": "BTC/USDT", "side": "BUY", "size": "1"}
+    approved = request | {"reference_price": "100"}
+    fill = {"order_id": "o-1", "fill_id": "f-1", "symbol": "BTC/USDT", "side": "BUY"}
+    fill |= {"fill_price": "100", "filled_qty": "1", "remaining_qty": "0"}
+    await publish(
+        redis_url,
+        tick("100"),
+        Event(event_type=EventType.ORDER_REQUEST, data=request),
+        Event(event_type=EventType.ORDER_APPROVED, data=approved),
+        Event(event_type=EventType.ORDER_FILLED, data=fill),
+    )
+    bus, svc = await start_risk(redis_url, redis_client)
+    assert await eventually(lambda: drained(redis_client, EventType.ORDER_REQUEST, "risk"))
+    await bus.flush(5)
+    approvals = [e.data["order_id"] for e in await events(redis_url, EventType.ORDER_APPROVED)]
+    assert approvals == ["o-1"]
+    assert svc.governor.worst_case_notional("BTC/USDT", D(100)) == D(100)  # the fill only
+    await bus.stop()
+    await svc.stop()

@@ -55,6 +55,21 @@ async def test_risk_service_signal_becomes_request_then_approval():
     await bus.stop()
 
 
+async def test_risk_service_redelivered_signal_decided_once():
+    bus, _svc, seen = await _wired()
+    signal = Event(
+        event_type=EventType.SIGNAL,
+        data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
+    )
+    await bus.publish(signal)
+    await bus.flush(5)
+    await bus.publish(signal)  # the same event again (at-least-once delivery)
+    await bus.flush(5)
+    assert len(seen[EventType.ORDER_REQUEST]) == 1
+    assert len(seen[EventType.ORDER_APPROVED]) == 1
+    await bus.stop()
+
+
 async def test_risk_service_fill_with_nothing_remaining_releases_the_reservation():
     bus, svc, seen = await _wired()
     await bus.publish(

@@ -206,17 +206,63 @@ class RiskService:
         if pnl is not None:
             gov.on_pnl(pnl.data, pnl.timestamp)
         await self._hold_kill_switch()
+        decided = await self._recall_decisions(group)
         log.info(
-            "risk restored: %d fills, equity %s, kill switch %s",
+            "risk restored: %d fills, equity %s, kill switch %s, %d recent decisions",
             fills,
             gov.equity,
             "ACTIVE" if gov.kill_switch.active else "off",
+            decided,
         )
+
+    async def _recall_decisions(self, group: str) -> int:
+        """Remember the orders a previous run decided whose SIGNAL or ORDER_REQUEST this
+        group has not acked yet (pending, or not read: a crash, or a stop before risk read
+        its own requests back). Decided again, each would reserve exposure a second time
+        that no fill or cancel releases, and get a second approval. Read from the oldest
+        such entry on, in ORDER_APPROVED and risk's ORDER_REJECTED."""
+        assert self.redis is not None
+        oldest: str | None = None
+        for etype in (EventType.SIGNAL, EventType.ORDER_REQUEST):
+            key = stream_key(etype)
+            try:
+                groups: Any = await self.redis.xinfo_groups(key)
+                pending: Any = await self.redis.xpending(key, group)
+            except ResponseError:  # no stream or no group yet: nothing read before
+                continue
+            ours = [g for g in groups if as_str(g["name"]) == group]
+            if not ours:
+                continue
+            for entry_id in (pending.get("min"), ours[0].get("last-delivered-id")):
+                if entry_id is not None and (oldest is None or _id_lt(as_str(entry_id), oldest)):
+                    oldest = as_str(entry_id)
+        if oldest is None:
+            return 0
+        decided = 0
+        for etype in (EventType.ORDER_APPROVED, EventType.ORDER_REJECTED):
+            entries: Any = await self.redis.xrange(
+                stream_key(etype), min=oldest, count=ANSWERED_MEMORY
+            )
+            for _entry_id, fields in entries:
+                try:
+                    event = decode_entry(stream_key(etype), fields)
+                except InvalidEventError:
+                    continue  # dead-lettered by consumers; not a decision of ours to recall
+                if etype is EventType.ORDER_REJECTED and event.data.get("rejected_by") != "risk":
+                    continue
+                self._answered[str(event.data["order_id"])] = None
+                decided += 1
+        while len(self._answered) > ANSWERED_MEMORY:
+            self._answered.popitem(last=False)
+        return decided
 
     # --- handlers ----------------------------------------------------------------------------
 
     async def on_signal(self, event: Event) -> None:
         result = self.governor.size_signal(event)
+        if not isinstance(result, NoOrder) and result.order_id in self._answered:
+            log.info("order %s was decided before; redelivered signal ignored", result.order_id)
+            return
         if isinstance(result, NoOrder):
             log.info("signal %s: no order: %s", event.event_id, result.reason)
             if self.metrics is not None:
@@ -474,6 +520,13 @@ class RiskService:
         m.killswitch_active.set(1 if gov.kill_switch.active else 0)
         m.drawdown_ratio.set(float(gov.drawdown))
         m.daily_drawdown_limit.set(float(gov.limits.daily_drawdown_limit))
+
+
+def _id_lt(a: str, b: str) -> bool:
+    """Stream id `a` sorts before `b`."""
+    ms_a, _, seq_a = a.partition("-")
+    ms_b, _, seq_b = b.partition("-")
+    return (int(ms_a), int(seq_a or 0)) < (int(ms_b), int(seq_b or 0))
 
 
 def _fields(values: dict[str, str]) -> Any:
