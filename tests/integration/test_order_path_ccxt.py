@@ -324,6 +324,16 @@ async def test_ccxt_service_unanswered_placement_on_last_delivery_is_not_rejecte
     await bus.stop()
 
 
+async def test_ccxt_fee_in_quote_with_its_sign_a_base_coin_fee_at_the_fill_price(exchange):
+    quote_fee = exchange._quote_fee
+    # A spot buy's fee comes in the base coin: 0.0001 BTC at 60,000 is 6 USDT.
+    assert quote_fee({"cost": "0.0001", "currency": "BTC"}, "BTC/USDT", D(60000)) == D(6)
+    assert quote_fee({"cost": "3.3", "currency": "USDT"}, "BTC/USDT", D(60000)) == D("3.3")
+    # A maker rebate stays negative (it was counted as a cost).
+    assert quote_fee({"cost": "-0.01", "currency": "USDT"}, "BTC/USDT", D(100)) == D("-0.01")
+    assert quote_fee({}, "BTC/USDT", D(100)) == 0
+
+
 async def test_ccxt_find_order_by_client_order_id_open_or_closed(venue, exchange):
     fake, _ = venue
     await exchange.place(child("ord-9-1"), time.time_ns())  # a market order: filled, closed

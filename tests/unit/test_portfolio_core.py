@@ -38,6 +38,13 @@ def test_portfolio_long_round_trip_realizes_price_difference_minus_fees():
     assert p.positions["BTC"].qty == 0
 
 
+def test_portfolio_maker_rebate_is_a_negative_fee_that_adds_to_equity():
+    p = Portfolio(D(10000))
+    p.apply_fill(fill("BUY", "1", "100", "-0.01", "f1"))  # a venue's maker rebate
+    assert p.fees == D("-0.01")
+    assert p.equity == D("10000.01")
+
+
 def test_portfolio_average_entry_weighted_by_quantity():
     p = Portfolio(D(10000))
     p.apply_fill(fill("BUY", "1", "100", fid="a"))

@@ -198,7 +198,7 @@ class OrderFilledData(EventData):
     order_id: NonEmptyStr = Field(validation_alias=AliasChoices("order_id", "id"))
     fill_price: PositiveDecimal
     filled_qty: PositiveDecimal
-    fee: NonNegativeDecimal = Decimal(0)
+    fee: FiniteDecimal = Decimal(0)  # quote currency; negative: a maker rebate
     fill_id: str | None = None
     symbol: Symbol | None = None
     side: Side | None = None

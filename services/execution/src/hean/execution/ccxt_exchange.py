@@ -413,7 +413,7 @@ class CcxtExchange(Exchange):
             open_child.left -= qty
             if open_child.left <= 0:  # filled in full: not polled for any more
                 del self._open[client_id]
-        fee = _dec((trade.get("fee") or {}).get("cost")) or ZERO
+        fee = self._quote_fee(trade.get("fee") or {}, symbol, price)
         return ExchangeFill(
             fill_id=f"{self.name}-{trade_id}",
             client_order_id=client_id,
@@ -421,7 +421,7 @@ class CcxtExchange(Exchange):
             side=Side(str(trade.get("side") or "buy").upper()),
             qty=qty,
             price=price,
-            fee=abs(fee),
+            fee=fee,
             liquidity="maker" if trade.get("takerOrMaker") == "maker" else "taker",
             reference_price=price,
             timestamp_ns=timestamp_ms * 1_000_000,
@@ -445,6 +445,25 @@ class CcxtExchange(Exchange):
             if fill is not None:
                 fills.append(fill)
         return fills
+
+    def _quote_fee(self, fee: dict[str, Any], symbol: str, price: Decimal) -> Decimal:
+        """A trade's fee in the quote currency, with its sign (negative: a maker rebate).
+        A spot buy's fee is charged in the base coin (Bybit): worth its cost x price."""
+        cost = _dec(fee.get("cost")) or ZERO
+        currency = str(fee.get("currency") or "")
+        base, _, quote = symbol.partition("/")
+        if currency and currency == base:
+            return cost * price
+        if currency and currency != quote:
+            log.warning(
+                "%s: fee %s %s on %s is in neither coin of the pair; counted as %s",
+                self.name,
+                cost,
+                currency,
+                symbol,
+                quote,
+            )
+        return cost
 
     async def open_client_order_ids(self, symbols: Collection[str] = ()) -> list[str]:
         ids: list[str] = []

@@ -47,8 +47,8 @@ class Fill:
             raise ValueError(f"fill qty must be > 0, got {self.qty}")
         if not self.price.is_finite() or self.price <= 0:
             raise ValueError(f"fill price must be > 0, got {self.price}")
-        if not self.fee.is_finite() or self.fee < 0:
-            raise ValueError(f"fill fee must be >= 0, got {self.fee}")
+        if not self.fee.is_finite():  # negative: a maker rebate
+            raise ValueError(f"fill fee must be finite, got {self.fee}")
 
     @property
     def dedupe_key(self) -> str:
