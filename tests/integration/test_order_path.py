@@ -692,3 +692,22 @@ async def test_risk_restart_does_not_decide_again_what_it_decided_before(redis_u
     assert svc.governor.worst_case_notional("BTC/USDT", D(100)) == D(100)  # the fill only
     await bus.stop()
     await svc.stop()
+
+
+async def test_reconciled_order_is_finished_in_the_ledger_only_with_its_event(
+    redis_url, redis_client
+):
+    """The ledger must never say an order is finished while its ORDER_CANCELLED is not in
+    Redis: a crash in between would lose the event for good (the next start does not
+    reconcile a finished order). Reconciliation writes the ledger's finish in the pipeline
+    of the order's last event, so when one is there the other is."""
+    ledger = RedisLedger(redis_client)
+    assert await ledger.claim("o-old", "BTC/USDT", "1", "execution:gone")
+    bus = bus_for(redis_url, "execution")
+    exchange = PaperExchange(PaperConfig(markets={"BTC/USDT": BTC}))
+    svc = ExecutionService(bus, exchange, ledger=ledger, market_history=redis_client)
+    await svc.reconcile()  # as at start: before the bus consumes anything
+    assert await ledger.open_orders() == {}
+    cancelled = await events(redis_url, EventType.ORDER_CANCELLED)  # no flush: written
+    assert [e.data["order_id"] for e in cancelled] == ["o-old"]
+    await bus.stop()

@@ -247,6 +247,7 @@ class ExecutionService:
                 sum(published.get(order_id, {}).values(), Decimal(0)),
             )
             size = self._worked_size(info)
+            events: list[Event] = []
             for fill in unreported.get(order_id, []):
                 done += fill.qty
                 log.warning(
@@ -259,36 +260,50 @@ class ExecutionService:
                 )
                 self._count_fill(fill)
                 remaining = max(size - done, Decimal(0)) if size is not None else None
-                await self.bus.publish(
+                events.append(
                     Event(
                         event_type=EventType.ORDER_FILLED,
                         data=self._filled_data(order_id, fill, done, remaining),
                     )
                 )
-            filled = str(done)
             self.reconciled.append(order_id)
+            status = ParentStatus.CANCELLED
             if size is not None and done >= size:
-                await self.ledger.finish(order_id, ParentStatus.FILLED.value, filled)
-                log.warning(
-                    "order %s was filled before the restart (the ledger had not caught up): "
-                    "closed as filled",
-                    order_id,
+                status = ParentStatus.FILLED
+                log.warning("order %s was filled before the restart: closed as filled", order_id)
+            else:
+                events.append(
+                    Event(
+                        event_type=EventType.ORDER_CANCELLED,
+                        data={
+                            "order_id": order_id,
+                            "reason": "execution restarted: open order cancelled on reconciliation",
+                            "symbol": info.get("symbol"),
+                            "filled_qty": done,
+                            "remaining_qty": size - done if size is not None else None,
+                        },
+                    )
                 )
-                continue
-            await self.bus.publish(
-                Event(
-                    event_type=EventType.ORDER_CANCELLED,
-                    data={
-                        "order_id": order_id,
-                        "reason": "execution restarted: open order cancelled on reconciliation",
-                        "symbol": info.get("symbol"),
-                        "filled_qty": done,
-                        "remaining_qty": size - done if size is not None else None,
-                    },
-                )
-            )
-            await self.ledger.finish(order_id, ParentStatus.CANCELLED.value, filled)
+            await self._publish_then_finish(events, order_id, status.value, str(done))
         log.warning("reconciled %d open orders left by a previous run", len(leftovers))
+
+    async def _publish_then_finish(
+        self, events: list[Event], order_id: str, status: str, filled: str
+    ) -> None:
+        """Publish `events`, then mark the order finished in the ledger. On Redis the
+        ledger's write goes in the pipeline of the last event: reconciliation runs before
+        the bus writes anything, and a crash before it has must leave the order open for
+        the next start to reconcile, not finished with its events lost."""
+        ledger = self.ledger
+        if events and isinstance(ledger, RedisLedger) and self.bus.transport.name == "redis":
+            for event in events[:-1]:
+                await self.bus.publish(event)
+            finish = ledger.finish_command(order_id, status, filled)
+            await self.bus.publish(events[-1], then=(finish,))
+            return
+        for event in events:
+            await self.bus.publish(event)
+        await ledger.finish(order_id, status, filled)
 
     def _worked_size(self, info: dict[str, str]) -> Decimal | None:
         """The size an order in the ledger was worked at: the approved size rounded down
