@@ -66,6 +66,7 @@ from hean.core.event_streams import (
     dead_letter_fields,
     decode_entry,
     ensure_group,
+    entry_position,
     stream_key,
     stream_maxlen,
 )
@@ -820,12 +821,6 @@ def _raw_partition_key(fields: dict[bytes, bytes] | None) -> str | None:
         return None
 
 
-def _entry_position(entry_id: str) -> tuple[int, int]:
-    """A stream entry id ("<ms>-<seq>") as a comparable pair."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _wake(
     waiters: list[tuple[int, asyncio.Future[None]]], reached: int
 ) -> list[tuple[int, asyncio.Future[None]]]:
@@ -1527,13 +1522,13 @@ class RedisStreamsTransport(Transport):
         for key, (entry_id, fields, event) in newest.items():
             # Two reads (the conflated loop's and the one sent with a plain read) may
             # answer out of order: per key, never hand out an older entry after a newer.
-            position = _entry_position(entry_id)
+            position = entry_position(entry_id)
             if position <= self._conflated_last.get((stream, key), (-1, -1)):
                 self._superseded.append((stream, entry_id, fields))
                 continue
             self._conflated_last[(stream, key)] = position
             handed.append((entry_id, fields, event))
-        handed.sort(key=lambda entry: _entry_position(entry[0]))
+        handed.sort(key=lambda entry: entry_position(entry[0]))
         for entry_id, fields, event in handed:
             await self._accept(stream, entry_id, fields, deliveries=1, event=event)
 

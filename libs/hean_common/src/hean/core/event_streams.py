@@ -99,6 +99,13 @@ def check_size(encoded: bytes) -> None:
         )
 
 
+def entry_position(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>") as a comparable pair: ids compare as numbers, not
+    as text ("9-0" is before "10-0")."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def as_str(value: bytes | str | int) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 

@@ -33,6 +33,7 @@ from hean.core.event_streams import (
     as_str,
     decode_entry,
     entries_of,
+    entry_position,
     stream_key,
 )
 from hean.core.health import read_snapshots
@@ -134,15 +135,10 @@ def _decoded(key: str, entries: Any) -> list[tuple[str, Event]]:
     return out
 
 
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _order_key(pair: tuple[str, Event]) -> tuple[int, int, int]:
     """Across streams: Redis time (ms), then the event's own ns time within that ms (the
     sequence part of an id counts per stream, so it cannot order two streams)."""
-    ms, seq = _id_key(pair[0])
+    ms, seq = entry_position(pair[0])
     return ms, pair[1].timestamp, seq
 
 
@@ -397,7 +393,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         )
         if not approved:
             return {"count": 0, "orders": []}
-        oldest = min(approved, key=lambda p: _id_key(p[0]))[0]
+        oldest = min(approved, key=lambda p: entry_position(p[0]))[0]
         events = list(approved)
         for etype in (
             EventType.ORDER_PLACED,

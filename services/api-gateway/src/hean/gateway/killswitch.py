@@ -16,7 +16,7 @@ from typing import Any, Final, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from hean.core.event_streams import as_str
+from hean.core.event_streams import as_str, entry_position
 
 KILLSWITCH_KEY: Final = "hean:risk:killswitch"
 COMMAND_STREAM: Final = "hean:risk:commands"
@@ -54,11 +54,6 @@ class CommandResult:
         }
 
 
-def _id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 async def command_applied(client: aioredis.Redis, command_id: str) -> tuple[bool, bool]:
     """(applied, risk_consuming): risk's group has read past the entry and acked it."""
     try:
@@ -69,7 +64,7 @@ async def command_applied(client: aioredis.Redis, command_id: str) -> tuple[bool
     if group is None:
         return False, False
     last = as_str(group.get("last-delivered-id", b"0-0"))
-    if _id_tuple(last) < _id_tuple(command_id):
+    if entry_position(last) < entry_position(command_id):
         return False, True
     pending: Any = await client.xpending_range(
         COMMAND_STREAM, COMMAND_GROUP, min=command_id, max=command_id, count=1

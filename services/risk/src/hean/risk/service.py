@@ -39,6 +39,7 @@ from hean.core.event_streams import (
     as_str,
     decode_entry,
     ensure_group,
+    entry_position,
     stream_key,
 )
 from hean.core.metrics import Metrics
@@ -234,7 +235,10 @@ class RiskService:
             if not ours:
                 continue
             for entry_id in (pending.get("min"), ours[0].get("last-delivered-id")):
-                if entry_id is not None and (oldest is None or _id_lt(as_str(entry_id), oldest)):
+                if entry_id is None:
+                    continue
+                position = entry_position(as_str(entry_id))
+                if oldest is None or position < entry_position(oldest):
                     oldest = as_str(entry_id)
         if oldest is None:
             return 0
@@ -520,13 +524,6 @@ class RiskService:
         m.killswitch_active.set(1 if gov.kill_switch.active else 0)
         m.drawdown_ratio.set(float(gov.drawdown))
         m.daily_drawdown_limit.set(float(gov.limits.daily_drawdown_limit))
-
-
-def _id_lt(a: str, b: str) -> bool:
-    """Stream id `a` sorts before `b`."""
-    ms_a, _, seq_a = a.partition("-")
-    ms_b, _, seq_b = b.partition("-")
-    return (int(ms_a), int(seq_a or 0)) < (int(ms_b), int(seq_b or 0))
 
 
 def _fields(values: dict[str, str]) -> Any:
