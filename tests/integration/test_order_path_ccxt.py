@@ -11,6 +11,7 @@ moved ahead (`clock_offset_ms`).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -46,6 +47,8 @@ class FakeBybit:
     clock_offset_ms: int = 0
     #: the next create is taken, then answered 503, and this many requests after it fail
     lose_next_create: int = 0
+    #: seconds the order lookups (realtime, history) take to answer
+    lookup_delay_s: float = 0.0
 
     def now_ms(self) -> int:
         return int(time.time() * 1000) + self.clock_offset_ms
@@ -151,10 +154,13 @@ class FakeBybit:
         return _reply({"orderId": order["orderId"], "orderLinkId": link})
 
     async def realtime(self, request: web.Request) -> web.Response:
+        if request.query.get("orderLinkId"):
+            await asyncio.sleep(self.lookup_delay_s)
         listed = listed_orders(self.orders.values(), request, open_=True)
         return _reply({"category": "linear", "list": listed})
 
     async def history(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.lookup_delay_s)
         listed = listed_orders(self.orders.values(), request, open_=False)
         return _reply({"category": "linear", "list": listed, "nextPageCursor": ""})
 
@@ -334,6 +340,39 @@ async def test_ccxt_fee_in_quote_with_its_sign_a_base_coin_fee_at_the_fill_price
     assert quote_fee({}, "BTC/USDT", D(100)) == 0
 
 
+async def test_ccxt_unanswered_later_slice_is_followed_and_cancelled_by_the_kill_switch(
+    venue, exchange
+):
+    """A TWAP's second slice goes unanswered (and cannot be looked up) on a tick: it may be
+    resting on the venue, so it stays one of the order's open children, and the kill
+    switch cancels it there (it used to be forgotten until a later tick placed it again)."""
+    fake, _ = venue
+    bus = EventBus()
+    cancelled: list[Event] = []
+    bus.subscribe(EventType.ORDER_CANCELLED, cancelled.append)
+    svc = ExecutionService(bus, exchange, breaker=CircuitBreaker("bybit"))
+    await svc.start()
+    await bus.start()
+    t0 = time.time_ns()
+    data = {"order_id": "tw", "symbol": "BTC/USDT", "side": "BUY", "size": "0.5"}
+    data |= {"type": "twap", "price": "90", "slices": 2, "duration_s": 10}
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data, timestamp=t0))
+    await bus.flush(10)
+    assert list(fake.orders) == ["tw-1"]
+    fake.lose_next_create = 3
+    tick = {"symbol": "BTC/USDT", "price": "100"}
+    await bus.publish(Event(event_type=EventType.TICK, data=tick, timestamp=t0 + 6 * 10**9))
+    await bus.flush(10)
+    assert fake.orders["tw-2"]["orderStatus"] == "New"  # the venue took it
+    trigger = {"reason": "manual", "triggered_by": "test"}
+    await bus.publish(Event(event_type=EventType.KILLSWITCH_TRIGGERED, data=trigger))
+    await bus.flush(10)
+    assert [e.data["order_id"] for e in cancelled] == ["tw"]
+    assert fake.orders["tw-1"]["orderStatus"] == "Cancelled"
+    assert fake.orders["tw-2"]["orderStatus"] == "Cancelled"
+    await bus.stop()
+
+
 async def test_ccxt_find_order_by_client_order_id_open_or_closed(venue, exchange):
     fake, _ = venue
     await exchange.place(child("ord-9-1"), time.time_ns())  # a market order: filled, closed
@@ -473,6 +512,23 @@ async def test_ccxt_kill_switch_after_an_unpolled_fill_reports_the_fill(venue, e
         await bus.flush(10)
     assert [(f.data["order_id"], f.data["filled_qty"]) for f in fills] == [("ks", D("0.25"))]
     await bus.stop()
+
+
+async def test_ccxt_child_filled_while_its_state_is_looked_up_is_not_a_crash(venue, exchange):
+    # Events of different symbols are handled concurrently: a fill poll can let a child go
+    # while the order-state poll is waiting for the venue's answer about it.
+    fake, _ = venue
+    s = 1_000_000_000
+    t0 = time.time_ns()
+    await exchange.place(child("race-1-1", type_="limit", price="90.0"), t0)
+    fake.fill_resting("race-1-1")
+    fake.lookup_delay_s = 0.3
+    closed, fills = await asyncio.gather(
+        exchange.poll_closed(t0 + 10 * s), exchange.poll_fills(t0 + 10 * s)
+    )
+    assert closed == []
+    assert [f.client_order_id for f in fills] == ["race-1-1"]
+    assert exchange._open == {}
 
 
 async def test_ccxt_order_the_venue_cancelled_is_reported_cancelled(venue, exchange):
@@ -663,6 +719,11 @@ async def test_ccxt_restart_reports_a_partial_fill_then_cancels_the_rest(venue, 
         (EventType.ORDER_CANCELLED, D("0.2")),
     ]
     assert seen[0].data["remaining_qty"] == D("0.3")
+    # Asking again (a start retried after a later step failed) finds the fill again.
+    again = await svc.exchange.fills_since(
+        "BTC/USDT", time.time_ns() - 60 * 10**9, {"part-1"}, time.time_ns()
+    )
+    assert [f.fill_id for f in again] == [seen[0].data["fill_id"]]
     # A fill some ORDER_FILLED already reports is not reported again.
     claimed_ms = str(time.time_ns() // 1_000_000 - 60_000)
     leftovers = {"part-1": {"symbol": "BTC/USDT", "size": "0.5", "claimed_ms": claimed_ms}}

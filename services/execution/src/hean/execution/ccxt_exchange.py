@@ -297,9 +297,9 @@ class CcxtExchange(Exchange):
             return []
         self._states_polled_ms = now_ms
         by_symbol: dict[str, list[str]] = {}
-        for client_id, open_child in self._open.items():
-            if now_ms - open_child.placed_ms >= LISTING_GRACE_MS:
-                by_symbol.setdefault(open_child.symbol, []).append(client_id)
+        for client_id, child in self._open.items():
+            if now_ms - child.placed_ms >= LISTING_GRACE_MS:
+                by_symbol.setdefault(child.symbol, []).append(client_id)
         closed: list[ClosedChild] = []
         for symbol, client_ids in sorted(by_symbol.items()):
             venue = cast(str, self._venue_symbol(symbol))
@@ -313,15 +313,19 @@ class CcxtExchange(Exchange):
                 continue
             listed = {_client_id(order) for order in orders}
             for client_id in client_ids:
+                # Polls of other symbols' events run meanwhile: one may have let it go.
+                if (known := self._open.get(client_id)) is None:
+                    continue
                 if client_id in listed:
-                    self._open[client_id].unknown = False  # the venue has it
+                    known.unknown = False  # the venue has it
                     continue
                 try:
                     order = await self.find_order(venue, client_id)
                 except TransientError as exc:
                     log.warning("%s: looking up %s failed: %s", self.name, client_id, exc)
                     continue
-                open_child = self._open[client_id]
+                if (open_child := self._open.get(client_id)) is None:
+                    continue  # its last fill was polled meanwhile: nothing left to tell
                 if order is None and open_child.cancelled:
                     del self._open[client_id]  # the venue knows no such order: nothing to poll
                     continue
@@ -401,27 +405,33 @@ class CcxtExchange(Exchange):
         trade_id = str(trade.get("id") or "")
         if client_id not in self._children or not trade_id or trade_id in self._seen_trades:
             return None
-        timestamp_ms = int(trade.get("timestamp") or 0)
-        self._seen_trades[trade_id] = timestamp_ms
-        qty = _dec(trade.get("amount")) or ZERO
-        price = _dec(trade.get("price")) or ZERO
-        if qty <= 0 or price <= 0:
+        self._seen_trades[trade_id] = int(trade.get("timestamp") or 0)
+        fill = self._to_fill(trade, symbol)
+        if fill is None:
             return None
         open_child = self._open.get(client_id)
         if open_child is not None:
             open_child.unknown = False
-            open_child.left -= qty
+            open_child.left -= fill.qty
             if open_child.left <= 0:  # filled in full: not polled for any more
                 del self._open[client_id]
-        fee = self._quote_fee(trade.get("fee") or {}, symbol, price)
+        return fill
+
+    def _to_fill(self, trade: dict[str, Any], symbol: str) -> ExchangeFill | None:
+        """A venue trade as our fill, or None if it has no quantity or price."""
+        qty = _dec(trade.get("amount")) or ZERO
+        price = _dec(trade.get("price")) or ZERO
+        if qty <= 0 or price <= 0:
+            return None
+        timestamp_ms = int(trade.get("timestamp") or 0)
         return ExchangeFill(
-            fill_id=f"{self.name}-{trade_id}",
-            client_order_id=client_id,
+            fill_id=f"{self.name}-{trade.get('id')}",
+            client_order_id=_client_id(trade),
             symbol=symbol,
             side=Side(str(trade.get("side") or "buy").upper()),
             qty=qty,
             price=price,
-            fee=fee,
+            fee=self._quote_fee(trade.get("fee") or {}, symbol, price),
             liquidity="maker" if trade.get("takerOrMaker") == "maker" else "taker",
             reference_price=price,
             timestamp_ns=timestamp_ms * 1_000_000,
@@ -434,17 +444,16 @@ class CcxtExchange(Exchange):
             return []
         now_ms = now_ns // 1_000_000
         trades = await self._trades(symbol, since_ns // 1_000_000 - POLL_OVERLAP_MS, now_ms)
-        fills: list[ExchangeFill] = []
+        # Nothing is marked seen: the caller may fail before it reports these, and ask again
+        # (a retried start). The children are not polled afterwards: they were cancelled.
+        fills: dict[str, ExchangeFill] = {}
         for trade in sorted(trades, key=lambda t: int(t.get("timestamp") or 0)):
-            client_id = _client_id(trade)
-            if client_id.rpartition("-")[0] not in order_ids:
+            if not trade.get("id") or _client_id(trade).rpartition("-")[0] not in order_ids:
                 continue
-            # Known from now on: a later poll's overlap must not report it again.
-            self._children.setdefault(client_id, ("", symbol))
-            fill = self._fill_from_trade(trade, symbol)
+            fill = self._to_fill(trade, symbol)
             if fill is not None:
-                fills.append(fill)
-        return fills
+                fills.setdefault(fill.fill_id, fill)  # pages overlap by a millisecond
+        return list(fills.values())
 
     def _quote_fee(self, fee: dict[str, Any], symbol: str, price: Decimal) -> Decimal:
         """A trade's fee in the quote currency, with its sign (negative: a maker rebate).

@@ -32,6 +32,10 @@ from hean.core.types import OrderType, Side
 from hean.execution.exchange import ZERO, ChildOrder, ChildType, MarketRules, OrderRefusedError
 
 NS_PER_S = 1_000_000_000
+#: Children are planned at least this factor above the venue's minimum notional at the
+#: order's price, so a slice placed later, after the price fell by up to about 9%, is
+#: still taken.
+SLICE_NOTIONAL_MARGIN = Decimal("1.1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,8 +216,11 @@ class ExecutionRouter:
             if size != approved:
                 refusal = f"size {approved} rounded to the qty step {rules.qty_step}: {refusal}"
             raise OrderRefusedError(refusal)
-        # Plan with the smallest child the venue takes at this price.
-        rules = replace(rules, min_qty=rules.min_size(price if price is not None else mark))
+        # Plan with the smallest child the venue takes at this price, with room for the
+        # price to fall before a later slice goes out (the venue checks its notional then).
+        at = price if price is not None else mark
+        planned = at / SLICE_NOTIONAL_MARGIN if at is not None else None
+        rules = replace(rules, min_qty=rules.min_size(planned))
         child_type: ChildType = "limit" if price is not None else "market"
         if algorithm is OrderType.MARKET:
             child_type, price = "market", None

@@ -483,6 +483,9 @@ class ExecutionService:
             self._count_api_error(exc)
             log.warning("asking %s for its open orders failed: %s", self.exchange.name, exc)
             closed = []
+        except Exception:  # the fills polled above must still be reported
+            log.exception("asking %s for its open orders failed", self.exchange.name)
+            closed = []
         return fills, closed
 
     async def _on_venue_closed(self, closed: ClosedChild, now_ns: int) -> None:
@@ -523,7 +526,11 @@ class ExecutionService:
                 cid = child.client_order_id
                 if isinstance(exc, PlacementUnknownError):
                     self._maybe_placed.add(cid)
-                if is_last_attempt() and cid in self._maybe_placed:
+                # An approval's first child is placed again (same client id) when the
+                # approval is delivered again; a later slice would wait for a later tick,
+                # unknown to a kill switch's cancel meanwhile.
+                redelivered = parent.children_sent == 1 and not is_last_attempt()
+                if cid in self._maybe_placed and not redelivered:
                     # An attempt may have reached the venue: the order must not be reported
                     # rejected while it may fill. It is followed as placed; the venue's
                     # answer ends it (its fills, or "it never reached the venue").
