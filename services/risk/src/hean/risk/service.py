@@ -254,11 +254,16 @@ class RiskService:
                     continue  # dead-lettered by consumers; not a decision of ours to recall
                 if etype is EventType.ORDER_REJECTED and event.data.get("rejected_by") != "risk":
                     continue
-                self._answered[str(event.data["order_id"])] = None
+                self._remember_answered(str(event.data["order_id"]))
                 decided += 1
+        return decided
+
+    def _remember_answered(self, order_id: str) -> None:
+        """`order_id` is decided: its request read back, or its signal again, is skipped
+        (the newest ANSWERED_MEMORY are kept)."""
+        self._answered[order_id] = None
         while len(self._answered) > ANSWERED_MEMORY:
             self._answered.popitem(last=False)
-        return decided
 
     # --- handlers ----------------------------------------------------------------------------
 
@@ -292,9 +297,7 @@ class RiskService:
             )
             return
         # (Should the decision's write fail, the signal stays unacked and comes back.)
-        self._answered[order_id] = None
-        while len(self._answered) > ANSWERED_MEMORY:
-            self._answered.popitem(last=False)
+        self._remember_answered(order_id)
 
     async def on_order_request(self, event: Event) -> None:
         if str(event.data.get("order_id")) in self._answered:
