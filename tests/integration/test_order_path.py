@@ -711,3 +711,30 @@ async def test_reconciled_order_is_finished_in_the_ledger_only_with_its_event(
     cancelled = await events(redis_url, EventType.ORDER_CANCELLED)  # no flush: written
     assert [e.data["order_id"] for e in cancelled] == ["o-old"]
     await bus.stop()
+
+
+async def test_restarted_execution_does_not_place_an_approval_made_before_the_kill_switch(
+    redis_url, redis_client
+):
+    t_switch = time.time_ns()
+    trigger = {"reason": "daily drawdown", "timestamp": t_switch}
+    approval = {"order_id": "backlog-1", "symbol": "BTC/USDT", "side": "BUY", "size": "1"}
+    await publish(
+        redis_url,
+        tick("100"),
+        Event(event_type=EventType.KILLSWITCH_TRIGGERED, data=trigger, timestamp=t_switch),
+        Event(event_type=EventType.ORDER_APPROVED, data=approval, timestamp=t_switch - 10**9),
+    )
+    bus, _svc = await start_execution(redis_url, redis_client)  # reads the switch at start
+
+    async def rejected() -> list[Event]:
+        return [
+            e
+            for e in await events(redis_url, EventType.ORDER_REJECTED)
+            if e.data["order_id"] == "backlog-1"
+        ]
+
+    (event,) = await eventually(rejected)
+    assert "kill switch triggered after it was approved" in event.data["reason"]
+    assert await events(redis_url, EventType.ORDER_PLACED) == []
+    await bus.stop()

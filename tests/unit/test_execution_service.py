@@ -112,6 +112,24 @@ async def test_finished_orders_past_the_memory_take_only_their_own_children_alon
     await bus.stop()
 
 
+async def test_execution_approval_made_before_the_kill_switch_is_not_placed_after_it():
+    bus, _svc, seen = await _wired()
+    trigger = {"reason": "drawdown", "timestamp": 5 * S}
+    await bus.publish(
+        Event(event_type=EventType.KILLSWITCH_TRIGGERED, data=trigger, timestamp=5 * S)
+    )
+    await bus.flush(5)
+    await bus.publish(approved("late", t_s=4))  # approved at 4 s, arriving after the switch
+    await bus.publish(approved("after", t_s=6))  # approved after it (a reducing order)
+    await bus.flush(5)
+    (rejected,) = seen[EventType.ORDER_REJECTED]
+    assert rejected.data["order_id"] == "late"
+    assert rejected.data["rejected_by"] == "execution"
+    assert "kill switch triggered after it was approved" in rejected.data["reason"]
+    assert [e.data["order_id"] for e in seen[EventType.ORDER_FILLED]] == ["after"]
+    await bus.stop()
+
+
 async def test_execution_killswitch_cancels_working_algorithms_and_resting_orders():
     bus, svc, seen = await _wired()
     await bus.publish(approved("lim", type="limit", price="90"))

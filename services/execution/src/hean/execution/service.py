@@ -190,6 +190,9 @@ class ExecutionService:
         # finished parents, so a venue's late fill of a cancelled child is still reported
         self._finished: OrderedDict[str, ParentOrder] = OrderedDict()
         self._child_parent: dict[str, str] = {}
+        #: Risk's time of the newest KILLSWITCH_TRIGGERED seen: approvals made before it are
+        #: not placed.
+        self._kill_switch_ns: int | None = None
         #: Children whose placement went unanswered on an earlier attempt (they may be on the
         #: venue): retried under the same client id, never reported rejected.
         self._maybe_placed: set[str] = set()
@@ -376,6 +379,8 @@ class ExecutionService:
                 seen += 1
         if seen:
             log.info("market state warmed up from %d recent events in Redis", seen)
+        for event in await newest_events(client, EventType.KILLSWITCH_TRIGGERED, 1):
+            self._note_kill_switch(event)
 
     # --- handlers ----------------------------------------------------------------------------
 
@@ -388,6 +393,12 @@ class ExecutionService:
             return
         if not await self.ledger.claim(order_id, symbol, str(data["size"]), self.claimer):
             log.info("order %s already handled; redelivery ignored", order_id)
+            return
+        if self._kill_switch_ns is not None and event.timestamp < self._kill_switch_ns:
+            # Approved before the kill switch, arriving after it (a backlog, a redelivery):
+            # the switch stops it as it would have stopped the order had it been working.
+            reason = "kill switch triggered after it was approved: not placed"
+            await self._reject(order_id, symbol, reason, kill_switch=True)
             return
         rules = self.exchange.rules(symbol)
         try:
@@ -444,7 +455,11 @@ class ExecutionService:
                         "order %s: exchange unavailable; slice retried later", parent.order_id
                     )
 
+    def _note_kill_switch(self, event: Event) -> None:
+        self._kill_switch_ns = max(self._kill_switch_ns or 0, event.timestamp)
+
     async def on_killswitch(self, event: Event) -> None:
+        self._note_kill_switch(event)
         reason = f"kill switch: {event.data['reason']}"
         for parent in list(self.parents.values()):
             if parent.done:
@@ -661,19 +676,19 @@ class ExecutionService:
             "exchange": self.exchange.name,
         }
 
-    async def _reject(self, order_id: str, symbol: str, reason: str) -> None:
-        log.warning("order %s rejected by %s: %s", order_id, self.exchange.name, reason)
+    async def _reject(
+        self, order_id: str, symbol: str, reason: str, *, kill_switch: bool = False
+    ) -> None:
+        """Report `order_id` rejected: by the venue, or by execution for the kill switch."""
+        by = "execution" if kill_switch else f"exchange:{self.exchange.name}"
+        log.warning("order %s rejected by %s: %s", order_id, by, reason)
         if self.metrics is not None:
-            self.metrics.orders_rejected_total.labels("execution", "exchange").inc()
+            label = "kill switch" if kill_switch else "exchange"
+            self.metrics.orders_rejected_total.labels("execution", label).inc()
         await self.bus.publish(
             Event(
                 event_type=EventType.ORDER_REJECTED,
-                data={
-                    "order_id": order_id,
-                    "reason": reason,
-                    "rejected_by": f"exchange:{self.exchange.name}",
-                    "symbol": symbol,
-                },
+                data={"order_id": order_id, "reason": reason, "rejected_by": by, "symbol": symbol},
             )
         )
         await self._ledger_finish(order_id, ParentStatus.REJECTED.value, "0")
