@@ -388,11 +388,8 @@ class RiskGovernor:
         the same side that has not filled yet has: two sells of a whole long position are
         not both reducing (the second would open a short)."""
         position = self.positions.get(symbol, ZERO)
-        pending = [r.signed_qty for r in self._reserved.values() if r.symbol == symbol]
-        if side is Side.SELL:
-            left = position + sum((q for q in pending if q < 0), ZERO)
-        else:
-            left = -(position + sum((q for q in pending if q > 0), ZERO))
+        buys, sells = self._pending(symbol)
+        left = position + sells if side is Side.SELL else -(position + buys)
         return size > 0 and size <= left
 
     def evaluate(self, order: OrderRequestData, timestamp_ns: int) -> Decision:
@@ -466,12 +463,16 @@ class RiskGovernor:
     def worst_case_notional(self, symbol: str, price: Decimal, extra: Decimal = ZERO) -> Decimal:
         """Largest |position| if any subset of pending orders (plus `extra`) fills, x price."""
         position = self.positions.get(symbol, ZERO)
-        pending = [r.signed_qty for r in self._reserved.values() if r.symbol == symbol]
-        buys = sum((q for q in pending if q > 0), ZERO)
-        sells = sum((q for q in pending if q < 0), ZERO)
+        buys, sells = self._pending(symbol)
         high = position + buys + max(extra, ZERO)
         low = position + sells + min(extra, ZERO)
         return max(abs(high), abs(low)) * price
+
+    def _pending(self, symbol: str) -> tuple[Decimal, Decimal]:
+        """What approved, unfilled orders of `symbol` would add if they all filled: the
+        buys (>= 0) and the sells (<= 0)."""
+        pending = [r.signed_qty for r in self._reserved.values() if r.symbol == symbol]
+        return sum((q for q in pending if q > 0), ZERO), sum((q for q in pending if q < 0), ZERO)
 
     async def decide(self, request: Event) -> Decision:
         """ORDER_REQUEST -> Decision, including the subscriber-style checks' votes.
