@@ -269,13 +269,13 @@ class RiskService:
 
     async def on_signal(self, event: Event) -> None:
         result = self.governor.size_signal(event)
-        if not isinstance(result, NoOrder) and result.order_id in self._answered:
-            log.info("order %s was decided before; redelivered signal ignored", result.order_id)
-            return
         if isinstance(result, NoOrder):
             log.info("signal %s: no order: %s", event.event_id, result.reason)
             if self.metrics is not None:
                 self.metrics.orders_rejected_total.labels("risk", "sizing").inc()
+            return
+        if result.order_id in self._answered:
+            log.info("order %s was decided before; redelivered signal ignored", result.order_id)
             return
         request = await self.bus.publish(
             Event(event_type=EventType.ORDER_REQUEST, data=result.data)
