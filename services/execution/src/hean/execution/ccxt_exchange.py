@@ -193,8 +193,9 @@ class CcxtExchange(Exchange):
         if child.reduce_only:
             params["reduceOnly"] = True
         order = await self._create(venue, child, params)
-        self._track(child, str(order.get("id") or ""), now_ns)
-        return PlaceResult(str(order.get("id") or ""), (), child.qty)
+        exchange_id = str(order.get("id") or "")
+        self._track(child, exchange_id, now_ns)
+        return PlaceResult(exchange_id, (), child.qty)
 
     def track_unknown(self, child: ChildOrder, now_ns: int) -> None:
         self._track(child, "", now_ns, unknown=True)

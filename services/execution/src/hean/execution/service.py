@@ -294,9 +294,9 @@ class ExecutionService:
         self, events: list[Event], order_id: str, status: str, filled: str
     ) -> None:
         """Publish `events`, then mark the order finished in the ledger. On Redis the
-        ledger's write goes in the pipeline of the last event: reconciliation runs before
-        the bus writes anything, and a crash before it has must leave the order open for
-        the next start to reconcile, not finished with its events lost."""
+        ledger's write goes in the pipeline of the last event, so a crash can never leave
+        the order finished with its events unwritten (the next start would not reconcile
+        it again)."""
         ledger = self.ledger
         if events and isinstance(ledger, RedisLedger) and self.bus.transport.name == "redis":
             for event in events[:-1]:
