@@ -221,6 +221,25 @@ async def exchange(venue) -> AsyncIterator[CcxtExchange]:
     await ex.close()
 
 
+async def running_service(
+    exchange: CcxtExchange, *watched: EventType, bus: EventBus | None = None, **kwargs: Any
+) -> tuple[EventBus, ExecutionService, list[Event]]:
+    """An execution service on `exchange` behind a circuit breaker, started with its bus
+    (in memory unless given); the events of the `watched` types it publishes, in order."""
+    bus = bus if bus is not None else EventBus()
+    seen: list[Event] = []
+    for etype in watched:
+        bus.subscribe(etype, seen.append)
+    svc = ExecutionService(bus, exchange, breaker=CircuitBreaker("bybit"), **kwargs)
+    await svc.start()
+    await bus.start()
+    return bus, svc, seen
+
+
+def of(events: list[Event], etype: EventType) -> list[Event]:
+    return [e for e in events if e.event_type is etype]
+
+
 def child(cid: str, qty: str = "0.5", type_: str = "market", price: str | None = None):
     return ChildOrder(cid, "p1", "BTC/USDT", Side.BUY, D(qty), type_, D(price) if price else None)  # type: ignore[arg-type]
 
@@ -307,13 +326,9 @@ async def test_ccxt_service_unanswered_placement_on_last_delivery_is_not_rejecte
     approval's last delivery (no retry left): the order must not be reported rejected
     (risk would free its exposure while it fills), nor placed again."""
     fake, _ = venue
-    bus = EventBus(transport=InMemoryTransport(max_deliveries=1))
-    seen: list[Event] = []
-    for etype in (EventType.ORDER_FILLED, EventType.ORDER_REJECTED, EventType.ORDER_CANCELLED):
-        bus.subscribe(etype, seen.append)
-    svc = ExecutionService(bus, exchange, breaker=CircuitBreaker("bybit"))
-    await svc.start()
-    await bus.start()
+    watched = (EventType.ORDER_FILLED, EventType.ORDER_REJECTED, EventType.ORDER_CANCELLED)
+    last_delivery = EventBus(transport=InMemoryTransport(max_deliveries=1))
+    bus, _svc, seen = await running_service(exchange, *watched, bus=last_delivery)
     fake.lose_next_create = 3
     data = {"order_id": "unk-3", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
     await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
@@ -347,12 +362,7 @@ async def test_ccxt_unanswered_later_slice_is_followed_and_cancelled_by_the_kill
     resting on the venue, so it stays one of the order's open children, and the kill
     switch cancels it there (it used to be forgotten until a later tick placed it again)."""
     fake, _ = venue
-    bus = EventBus()
-    cancelled: list[Event] = []
-    bus.subscribe(EventType.ORDER_CANCELLED, cancelled.append)
-    svc = ExecutionService(bus, exchange, breaker=CircuitBreaker("bybit"))
-    await svc.start()
-    await bus.start()
+    bus, _svc, cancelled = await running_service(exchange, EventType.ORDER_CANCELLED)
     t0 = time.time_ns()
     data = {"order_id": "tw", "symbol": "BTC/USDT", "side": "BUY", "size": "0.5"}
     data |= {"type": "twap", "price": "90", "slices": 2, "duration_s": 10}
@@ -488,14 +498,8 @@ async def test_ccxt_child_filled_before_our_cancel_still_reports_its_fill(venue,
 
 async def test_ccxt_kill_switch_after_an_unpolled_fill_reports_the_fill(venue, exchange):
     fake, _ = venue
-    bus = EventBus()
-    fills: list[Event] = []
-    cancelled: list[Event] = []
-    bus.subscribe(EventType.ORDER_FILLED, fills.append)
-    bus.subscribe(EventType.ORDER_CANCELLED, cancelled.append)
-    svc = ExecutionService(bus, exchange, breaker=CircuitBreaker("bybit"))
-    await svc.start()
-    await bus.start()
+    watched = (EventType.ORDER_FILLED, EventType.ORDER_CANCELLED)
+    bus, _svc, seen = await running_service(exchange, *watched)
     data = {"order_id": "ks", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
     data |= {"type": "limit", "price": "90"}
     await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
@@ -504,12 +508,13 @@ async def test_ccxt_kill_switch_after_an_unpolled_fill_reports_the_fill(venue, e
     trigger = {"reason": "daily drawdown", "triggered_by": "risk"}
     await bus.publish(Event(event_type=EventType.KILLSWITCH_TRIGGERED, data=trigger))
     await bus.flush(10)
-    assert [e.data["order_id"] for e in cancelled] == ["ks"]
+    assert [e.data["order_id"] for e in of(seen, EventType.ORDER_CANCELLED)] == ["ks"]
     for n in range(3):
         tick = {"symbol": "BTC/USDT", "price": "100"}
         at = time.time_ns() + n * 10 * 1_000_000_000
         await bus.publish(Event(event_type=EventType.TICK, data=tick, timestamp=at))
         await bus.flush(10)
+    fills = of(seen, EventType.ORDER_FILLED)
     assert [(f.data["order_id"], f.data["filled_qty"]) for f in fills] == [("ks", D("0.25"))]
     await bus.stop()
 
@@ -535,12 +540,7 @@ async def test_ccxt_order_the_venue_cancelled_is_reported_cancelled(venue, excha
     # Trades say nothing of a cancel: without asking for order states the order would stay
     # working for ever (risk keeping its reservation, the ledger listing it open).
     fake, _ = venue
-    bus = EventBus()
-    cancelled: list[Event] = []
-    bus.subscribe(EventType.ORDER_CANCELLED, cancelled.append)
-    svc = ExecutionService(bus, exchange, breaker=CircuitBreaker("bybit"))
-    await svc.start()
-    await bus.start()
+    bus, svc, cancelled = await running_service(exchange, EventType.ORDER_CANCELLED)
     data = {"order_id": "vc", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
     data |= {"type": "limit", "price": "90"}
     await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
@@ -561,14 +561,8 @@ async def test_ccxt_order_the_venue_cancelled_is_reported_cancelled(venue, excha
 
 async def test_ccxt_execution_service_approval_to_fill_on_fake_bybit(venue, exchange, redis_client):
     fake, _ = venue
-    bus = EventBus()
-    fills: list[Event] = []
-    bus.subscribe(EventType.ORDER_FILLED, fills.append)
-    svc = ExecutionService(
-        bus, exchange, ledger=RedisLedger(redis_client), breaker=CircuitBreaker("bybit")
-    )
-    await svc.start()
-    await bus.start()
+    ledger = RedisLedger(redis_client)
+    bus, _svc, fills = await running_service(exchange, EventType.ORDER_FILLED, ledger=ledger)
     approved = Event(
         event_type=EventType.ORDER_APPROVED,
         data={"order_id": "live-1", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"},
@@ -589,16 +583,9 @@ async def test_ccxt_size_off_the_venue_step_placed_rounded_down_and_finished(
     # Risk sizes to 0.000001 (ORDER_SIZE_STEP); Bybit's BTCUSDT steps by 0.001 and refuses
     # anything else ("not a multiple of the qty step" used to reject nearly every order).
     fake, _ = venue
-    bus = EventBus()
-    fills: list[Event] = []
-    rejected: list[Event] = []
-    bus.subscribe(EventType.ORDER_FILLED, fills.append)
-    bus.subscribe(EventType.ORDER_REJECTED, rejected.append)
-    svc = ExecutionService(
-        bus, exchange, ledger=RedisLedger(redis_client), breaker=CircuitBreaker("bybit")
-    )
-    await svc.start()
-    await bus.start()
+    watched = (EventType.ORDER_FILLED, EventType.ORDER_REJECTED)
+    ledger = RedisLedger(redis_client)
+    bus, _svc, seen = await running_service(exchange, *watched, ledger=ledger)
     data = {
         "order_id": "odd-1",
         "symbol": "BTC/USDT",
@@ -609,8 +596,9 @@ async def test_ccxt_size_off_the_venue_step_placed_rounded_down_and_finished(
     await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
     await bus.publish(Event(event_type=EventType.TICK, data={"symbol": "BTC/USDT", "price": "100"}))
     await bus.flush(10)
-    assert rejected == []
+    assert of(seen, EventType.ORDER_REJECTED) == []
     assert fake.orders["odd-1-1"]["qty"] == "0.058"
+    fills = of(seen, EventType.ORDER_FILLED)
     assert [(f.data["filled_qty"], f.data["remaining_qty"]) for f in fills] == [(D("0.058"), 0)]
     await bus.stop()
 
