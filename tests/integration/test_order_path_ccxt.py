@@ -364,7 +364,7 @@ async def test_ccxt_unanswered_later_slice_is_followed_and_cancelled_by_the_kill
     fake, _ = venue
     bus, _svc, cancelled = await running_service(exchange, EventType.ORDER_CANCELLED)
     t0 = time.time_ns()
-    data = {"order_id": "tw", "symbol": "BTC/USDT", "side": "BUY", "size": "0.5"}
+    data: dict[str, Any] = {"order_id": "tw", "symbol": "BTC/USDT", "side": "BUY", "size": "0.5"}
     data |= {"type": "twap", "price": "90", "slices": 2, "duration_s": 10}
     await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data, timestamp=t0))
     await bus.flush(10)
