@@ -38,14 +38,16 @@ async def _wired():
     return bus, svc, seen
 
 
+def buy_signal() -> Event:
+    return Event(
+        event_type=EventType.SIGNAL,
+        data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
+    )
+
+
 async def test_risk_service_signal_becomes_request_then_approval():
     bus, _svc, seen = await _wired()
-    await bus.publish(
-        Event(
-            event_type=EventType.SIGNAL,
-            data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
-        )
-    )
+    await bus.publish(buy_signal())
     await bus.flush(5)
     assert len(seen[EventType.ORDER_REQUEST]) == 1
     assert len(seen[EventType.ORDER_APPROVED]) == 1
@@ -57,10 +59,7 @@ async def test_risk_service_signal_becomes_request_then_approval():
 
 async def test_risk_service_redelivered_signal_decided_once():
     bus, _svc, seen = await _wired()
-    signal = Event(
-        event_type=EventType.SIGNAL,
-        data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
-    )
+    signal = buy_signal()
     await bus.publish(signal)
     await bus.flush(5)
     await bus.publish(signal)  # the same event again (at-least-once delivery)
@@ -72,12 +71,7 @@ async def test_risk_service_redelivered_signal_decided_once():
 
 async def test_risk_service_fill_with_nothing_remaining_releases_the_reservation():
     bus, svc, seen = await _wired()
-    await bus.publish(
-        Event(
-            event_type=EventType.SIGNAL,
-            data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
-        )
-    )
+    await bus.publish(buy_signal())
     await bus.flush(5)
     order_id = seen[EventType.ORDER_APPROVED][0].data["order_id"]  # size 10
     fill = {
