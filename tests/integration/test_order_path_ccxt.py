@@ -383,6 +383,18 @@ async def test_ccxt_unanswered_later_slice_is_followed_and_cancelled_by_the_kill
     await bus.stop()
 
 
+async def test_ccxt_fill_slippage_measured_from_the_market_price_when_placed(venue, exchange):
+    # Live fills reported slippage 0 (their own price as the reference): the dashboards'
+    # slippage panel said nothing about the live venue.
+    fake, _ = venue
+    await exchange.on_market_data("BTC/USDT", D(100), D(0), 0)
+    fake.price = D("100.5")  # the market moved before the order met it
+    t0 = time.time_ns()
+    await exchange.place(child("slip-1-1"), t0)
+    (fill,) = await exchange.poll_fills(t0 + 10**9)
+    assert (fill.price, fill.reference_price, fill.slippage_bps) == (D("100.5"), D(100), D(50))
+
+
 async def test_ccxt_find_order_by_client_order_id_open_or_closed(venue, exchange):
     fake, _ = venue
     await exchange.place(child("ord-9-1"), time.time_ns())  # a market order: filled, closed

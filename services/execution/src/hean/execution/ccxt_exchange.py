@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
@@ -112,6 +112,7 @@ class _OpenChild:
     left: Decimal  # not filled yet, by the fills polled so far
     cancelled: bool = False  # we cancelled it (or the venue refused: gone already)
     unknown: bool = False  # its placement went unanswered: the venue may not have it
+    reference: Decimal | None = None  # the market price when it was placed
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +142,19 @@ class CcxtExchange(Exchange):
         self._states_polled_ms = 0
         self._seen_trades: dict[str, int] = {}  # venue trade id -> its time (ms), recent only
         self._since_ms: dict[str, int] = {}  # per symbol: where the next fill poll starts
+        self._marks: dict[str, Decimal] = {}  # per symbol: the last market price we saw
 
     async def start(self) -> None:
         await self._call(self.client.load_markets)
+
+    async def on_market_data(
+        self, symbol: str, price: Decimal, volume: Decimal, now_ns: int
+    ) -> list[ExchangeFill]:
+        """Remember the market price: a child's fills measure their slippage from the price
+        when it was placed, as paper's do from the price they met."""
+        if price > 0:
+            self._marks[symbol] = price
+        return []
 
     async def close(self) -> None:
         await self.client.close()
@@ -209,7 +220,12 @@ class CcxtExchange(Exchange):
             self._since_ms[child.symbol] = now_ns // 1_000_000 - POLL_OVERLAP_MS
         self._children[child.client_order_id] = (exchange_id, child.symbol)
         self._open[child.client_order_id] = _OpenChild(
-            child.symbol, child.qty, now_ns // 1_000_000, child.qty, unknown=unknown
+            child.symbol,
+            child.qty,
+            now_ns // 1_000_000,
+            child.qty,
+            unknown=unknown,
+            reference=self._marks.get(child.symbol),
         )
 
     async def _create(self, venue: str, child: ChildOrder, params: dict[str, Any]) -> Any:
@@ -416,10 +432,13 @@ class CcxtExchange(Exchange):
             open_child.left -= fill.qty
             if open_child.left <= 0:  # filled in full: not polled for any more
                 del self._open[client_id]
+            if open_child.reference is not None:
+                fill = replace(fill, reference_price=open_child.reference)
         return fill
 
     def _to_fill(self, trade: dict[str, Any], symbol: str) -> ExchangeFill | None:
-        """A venue trade as our fill, or None if it has no quantity or price."""
+        """A venue trade as our fill, or None if it has no quantity or price. Its reference
+        price is its own (no slippage) until the caller knows the market price it met."""
         qty = _dec(trade.get("amount")) or ZERO
         price = _dec(trade.get("price")) or ZERO
         if qty <= 0 or price <= 0:
