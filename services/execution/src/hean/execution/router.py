@@ -216,11 +216,13 @@ class ExecutionRouter:
             if size != approved:
                 refusal = f"size {approved} rounded to the qty step {rules.qty_step}: {refusal}"
             raise OrderRefusedError(refusal)
-        # Plan with the smallest child the venue takes at this price, with room for the
-        # price to fall before a later slice goes out (the venue checks its notional then).
-        at = price if price is not None else mark
-        planned = at / SLICE_NOTIONAL_MARGIN if at is not None else None
-        rules = replace(rules, min_qty=rules.min_size(planned))
+        if algorithm not in (OrderType.MARKET, OrderType.LIMIT):
+            # Slices: plan with the smallest child the venue takes at this price, with room
+            # for the price to fall before a later one goes out (its notional is checked
+            # then). A single child is the whole order, checked above.
+            at = price if price is not None else mark
+            planned = at / SLICE_NOTIONAL_MARGIN if at is not None else None
+            rules = replace(rules, min_qty=rules.min_size(planned))
         child_type: ChildType = "limit" if price is not None else "market"
         if algorithm is OrderType.MARKET:
             child_type, price = "market", None
