@@ -73,6 +73,20 @@ def test_up_starts_all_services_and_stops_cleanly(redis_url, subprocess_env, tmp
 
         asyncio.run(eventually(status_line, timeout=30, message="a status line"))
 
+        # A second system on the same Redis is refused before it starts anything: its
+        # services would only wait as standbys of these (hean.core.lease).
+        second = subprocess.run(
+            [HEAN, "up", "--redis-url", redis_url, "--gateway-port", str(free_port()),
+             "--ui-port", "0", "--health-port-base", str(free_port()),
+             "--workdir", str(tmp_path / "second")],
+            env={**subprocess_env, "COLUMNS": "300"}, cwd=ROOT, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stdout + second.stderr
+        refusal = " ".join((second.stdout + second.stderr).split())
+        assert f"HEAN is already running against {redis_url}" in refusal
+        assert "execution (execution:" in refusal and "Traceback" not in refusal
+
         # Every group a service created must be one `hean up` created first.
         planned = {(f"{STREAM_PREFIX}{t.value}", s.name) for s in SERVICES for t in s.subscribes}
         for key in client.scan_iter(match=f"{STREAM_PREFIX}*"):
@@ -89,8 +103,9 @@ def test_up_starts_all_services_and_stops_cleanly(redis_url, subprocess_env, tmp
     assert "HEAN is running in paper mode" in out
     assert "ticks" in out and "health" in out
     assert "stopped." in out and "Traceback" not in out
-    # A clean stop withdraws every snapshot.
+    # A clean stop withdraws every snapshot and releases every service's lease.
     assert list(client.scan_iter(match="hean:health:*")) == []
+    assert list(client.scan_iter(match="hean:lease:*")) == []
     client.close()
 
 

@@ -9,12 +9,14 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
 from hean.core.bus import EventBus
 from hean.core.event_streams import RedisEventStream, stream_key
 from hean.core.resp import RespConnection
+from hean.core.service import ServiceContext, serve
 from hean.core.settings import CoreSettings
 from hean.core.types import Event, EventType
 from hean.execution.exchange import MarketRules
@@ -23,11 +25,11 @@ from hean.execution.paper import PaperConfig, PaperExchange
 from hean.execution.service import ExecutionService
 from hean.portfolio.core import Portfolio
 from hean.portfolio.service import PortfolioService
-from hean.risk.risk_governor import RiskGovernor, RiskLimits
+from hean.risk.risk_governor import NS_PER_DAY, RiskGovernor, RiskLimits
 from hean.risk.service import COMMAND_STREAM, KILLSWITCH_KEY, RiskService, RiskServiceSettings
 from hean.risk.service import build as risk_build
-from tests.conftest import RedisServer
-from tests.integration.signal_path_helpers import FAST, drained, running
+from tests.conftest import RedisServer, free_port
+from tests.integration.signal_path_helpers import FAST, drained
 
 D = Decimal
 BTC = MarketRules("BTC/USDT", tick_size=D("0.1"), qty_step=D("0.001"), min_qty=D("0.001"))
@@ -593,42 +595,72 @@ async def test_order_path_ledger_marker_lives_while_open_then_expires_and_is_not
 async def test_risk_started_while_redis_refuses_writes_starts_once_it_takes_them(
     redis_factory: Callable[..., RedisServer],
 ) -> None:
-    """Redis out of memory (`noeviction`) when risk starts: its governor cannot make its
-    consumer group, so the component is unhealthy, saying why and that it tries again, and
-    the process keeps running. Once Redis takes writes, the component starts by itself and
-    risk approves orders."""
+    """Redis out of memory (`noeviction`) when risk starts: it cannot take its service lease
+    (hean.core.lease), so it starts nothing, and its /health says why and that it tries
+    again, and the process keeps running. Once Redis takes writes, risk starts by itself and
+    approves orders."""
     server = redis_factory()
     client = aioredis.Redis.from_url(server.url)
     await client.config_set("maxmemory-policy", "noeviction")
     await client.config_set("maxmemory", 1)
-    settings = RiskServiceSettings(REDIS_URL=server.url, SERVICE_NAME="risk", **FAST)
+    port = free_port()
+    settings = RiskServiceSettings(
+        REDIS_URL=server.url, SERVICE_NAME="risk", **{**FAST, "HEALTH_PORT": port}
+    )
+    stop = asyncio.Event()
+    started: list[ServiceContext] = []
+    task = asyncio.create_task(
+        serve("risk", risk_build, settings, stop_event=stop, ready=lambda c, _p: started.append(c))
+    )
     try:
-        async with running("risk", risk_build, settings) as ctx:
 
-            def component() -> dict[str, Any]:
-                entry: dict[str, Any] = ctx.orchestrator.health()["components"]["risk_governor"]
-                return entry
+        async def health() -> tuple[int, dict[str, Any]]:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/health") as resp,
+            ):
+                return resp.status, await resp.json()
 
-            assert component()["state"] == "unhealthy"
-            assert "Redis unavailable: trying again" in str(component()["error_message"])
-            assert "maxmemory" in str(component()["error_message"])
-            await client.config_set("maxmemory", 0)
-            await eventually(lambda: _true(component()["state"] == "healthy"), timeout=20)
-            await publish(server.url, tick("100"))
-            await asyncio.sleep(0.5)  # the mark, read conflated
-            signal = Event(
-                event_type=EventType.SIGNAL,
-                data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
-            )
-            await publish(server.url, signal)
+        async def answers() -> bool:
+            try:
+                await health()
+            except aiohttp.ClientError:
+                return False
+            return True
 
-            async def approved() -> bool:
-                return int(await client.xlen(stream_key(EventType.ORDER_APPROVED))) == 1
+        await eventually(answers)
+        status, body = await health()
+        lease = body["components"]["service_lease"]
+        assert status == 503 and body["orchestrator"]["running"] is False
+        assert lease["state"] == "unhealthy"
+        assert "Redis unavailable: trying again" in lease["error_message"]
+        assert "maxmemory" in lease["error_message"]
+        assert not started and not task.done()
+        await client.config_set("maxmemory", 0)
+        await eventually(lambda: _true(bool(started)), timeout=20)
+        await eventually(lambda: _true(_governor_healthy(started[0])), timeout=20)
+        await publish(server.url, tick("100"))
+        await asyncio.sleep(0.5)  # the mark, read conflated
+        signal = Event(
+            event_type=EventType.SIGNAL,
+            data={"symbol": "BTC/USDT", "side": "BUY", "signal_strength": 0.7},
+        )
+        await publish(server.url, signal)
 
-            await eventually(approved, timeout=20)
+        async def approved() -> bool:
+            return int(await client.xlen(stream_key(EventType.ORDER_APPROVED))) == 1
+
+        await eventually(approved, timeout=20)
     finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
         await client.config_set("maxmemory", 0)
         await client.aclose()
+
+
+def _governor_healthy(ctx: ServiceContext) -> bool:
+    entry: dict[str, Any] = ctx.orchestrator.health()["components"]["risk_governor"]
+    return bool(entry["state"] == "healthy")
 
 
 async def test_kill_switch_whose_write_redis_refused_is_written_and_announced_on_redelivery(

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from hean.core.devrun import ensure_redis
 from hean.core.event_streams import ensure_group, stream_key
 from hean.core.health import read_snapshots
+from hean.core.lease import running_holders
 from hean.core.settings import redact_url
 from hean.core.topology import CONSUMER_GROUPS
 from hean.core.types import EventType
@@ -179,6 +180,25 @@ class Supervisor:
             raise UpError(str(exc)) from None
         where = "started redis-server" if self.redis_proc else "using the Redis"
         self.console.print(f"{where} at {redact_url(url)}")
+
+    async def check_not_running(self) -> None:
+        """Refuse a second system on the same Redis: its services would only wait as
+        standbys of the first one's (hean.core.lease)."""
+        where = redact_url(self.options.redis_url)
+        client = aioredis.Redis.from_url(self.options.redis_url, socket_timeout=5.0)
+        try:
+            held = await running_holders(client)
+        except RedisError as exc:
+            raise UpError(f"cannot read Redis at {where}: {exc}") from None
+        finally:
+            await client.aclose()
+        if held:
+            who = ", ".join(f"{service} ({consumer})" for service, consumer in sorted(held.items()))
+            raise UpError(
+                f"HEAN is already running against {where}: {who}. "
+                "Stop it first (Ctrl-C where it runs), or give this one its own Redis "
+                "(--redis-url)"
+            )
 
     async def create_groups(self) -> int:
         client = aioredis.Redis.from_url(self.options.redis_url, socket_timeout=5.0)
@@ -442,6 +462,7 @@ def run_up(options: UpOptions, console: Console) -> int:
     try:
         sup.check_installed()
         sup.start_redis()
+        asyncio.run(sup.check_not_running())
         created = asyncio.run(sup.create_groups())
         console.print(f"consumer groups ready ({created} created)")
         sup.start_all()

@@ -806,6 +806,16 @@ def consumer_client_name(consumer: str) -> str:
     return "hean-consumer:" + "".join(c if 33 <= ord(c) <= 126 else "_" for c in consumer)
 
 
+async def client_names(client: aioredis.Redis) -> set[str] | None:
+    """The names on Redis's client connections (`CLIENT LIST`); None where Redis refuses
+    the command (an ACL)."""
+    try:
+        clients: Any = await client.client_list(_type="normal")
+    except ResponseError:
+        return None
+    return {str(c.get("name", "")) for c in clients}
+
+
 def _raw_partition_key(fields: dict[bytes, bytes] | None) -> str | None:
     """`partition_key` of an entry's event read from its JSON, not validated (None if the
     JSON is unreadable: then only validating it says what is wrong)."""
@@ -1980,17 +1990,14 @@ class RedisStreamsTransport(Transport):
         the command (an ACL)."""
         if not self._client_list_allowed:
             return None
-        try:
-            clients: Any = await self.client.client_list(_type="normal")
-        except ResponseError as exc:
+        names = await client_names(self.client)
+        if names is None:
             self._client_list_allowed = False
             log.warning(
-                "Redis refused CLIENT LIST (%s): entries of a consumer that died are taken "
-                "over only once idle for EVENT_CLAIM_IDLE_MS",
-                exc,
+                "Redis refused CLIENT LIST: entries of a consumer that died are taken "
+                "over only once idle for EVENT_CLAIM_IDLE_MS"
             )
-            return None
-        return {str(c.get("name", "")) for c in clients}
+        return names
 
     async def _gone_consumers(self, stream: str, names: set[str] | None) -> list[str]:
         """Consumers of our group on `stream` that hold pending entries while no Redis

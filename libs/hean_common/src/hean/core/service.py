@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 
 from hean.core.bus import EventBus
 from hean.core.health import HealthReporter, HealthServer
+from hean.core.lease import LeaseLostError, ServiceLease
 from hean.core.logs import configure_logging
 from hean.core.metrics import Metrics
 from hean.core.orchestrator import TradingOrchestrator
@@ -109,39 +110,90 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
+    lease = (
+        ServiceLease(
+            settings.redis_url, settings.service_name, consumer, settings.service_lease_ttl_s
+        )
+        if exclusive
+        else None
+    )
+
+    def health() -> Mapping[str, Any]:
+        return orchestrator.health() if lease is None or lease.held else lease.waiting_health()
+
+    async def refresh() -> None:
+        if lease is None or lease.held:
+            await orchestrator.check_components()
+
     server = HealthServer(
-        orchestrator.health,
-        metrics,
-        host=settings.health_host,
-        port=settings.health_port,
-        refresh=orchestrator.check_components,
+        health, metrics, host=settings.health_host, port=settings.health_port, refresh=refresh
     )
-    await orchestrator.start()
-    port = await server.start()
-    log.info(
-        "%s running as %s; health and metrics on http://%s:%d (Redis %s)",
-        name,
-        consumer,
-        settings.health_host,
-        port,
-        settings.redis_url_redacted,
-    )
-    if ready is not None:
-        ready(ctx, port)
-    if freeze_gc:
-        # What start built (modules, ccxt's market tables, the model, restored state) lives
-        # as long as the process: out of the cyclic collector's reach, a full collection
-        # scans only what running creates. Before, one took 60-96 ms in every service,
-        # a stall every event in flight waited out (the p99 of tick -> fill).
-        gc.collect()
-        gc.freeze()
+    async with contextlib.AsyncExitStack() as running:
+        running.push_async_callback(client.aclose)
+        # /health answers from here on: while this instance waits for its lease, it says why.
+        port = await server.start()
+        running.push_async_callback(server.stop)
+        # Before any component starts: a second instance of an exclusive service must not
+        # restore, reconcile or read while the first runs (hean.core.lease).
+        if lease is not None and not await running.enter_async_context(_held(lease, name, stop)):
+            return  # stopped while waiting as a standby
+        await orchestrator.start()
+        log.info(
+            "%s running as %s; health and metrics on http://%s:%d (Redis %s)",
+            name,
+            consumer,
+            settings.health_host,
+            port,
+            settings.redis_url_redacted,
+        )
+        if ready is not None:
+            ready(ctx, port)
+        if freeze_gc:
+            # What start built (modules, ccxt's market tables, the model, restored state)
+            # lives as long as the process: out of the cyclic collector's reach, a full
+            # collection scans only what running creates. Before, one took 60-96 ms in every
+            # service, a stall every event in flight waited out (the p99 of tick -> fill).
+            gc.collect()
+            gc.freeze()
+        try:
+            await stop.wait()
+        finally:
+            log.info("%s stopping", name)
+            await server.stop()
+            await orchestrator.stop()
+
+
+@contextlib.asynccontextmanager
+async def _held(lease: ServiceLease, name: str, stop: asyncio.Event) -> AsyncIterator[bool]:
+    """Hold the service's lease while the body runs: yields False if `stop` was set while
+    waiting for it. Losing it to another instance sets `stop` and, once the body is done,
+    raises `LeaseLostError`."""
+    if not await lease.acquire(stop):
+        await lease.release()
+        yield False
+        return
+    lost_to: list[str] = []
+
+    def lost(holder: str) -> None:
+        log.error(
+            "%s: another instance (%s) took over this service's lease (this one was cut off "
+            "from Redis or stalled for longer than SERVICE_LEASE_TTL_S); stopping",
+            name,
+            holder,
+        )
+        lost_to.append(holder)
+        stop.set()
+
+    ending = asyncio.Event()
+    keeping = asyncio.create_task(lease.keep(ending, lost), name="service-lease")
     try:
-        await stop.wait()
+        yield True
     finally:
-        log.info("%s stopping", name)
-        await server.stop()
-        await orchestrator.stop()
-        await client.aclose()
+        ending.set()
+        await keeping
+        await lease.release()
+    if lost_to:
+        raise LeaseLostError(f"{name}: another instance ({lost_to[0]}) runs this service")
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -179,6 +231,9 @@ def run_service(
     except SettingsError as exc:
         log.error("%s", exc)
         return 2
+    except LeaseLostError as exc:
+        log.error("%s", exc)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0

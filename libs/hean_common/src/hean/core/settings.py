@@ -65,6 +65,9 @@ class CoreSettings(BaseSettings):
         default=5.0, alias="HEALTH_INTERVAL_S"
     )
     health_ttl_s: Annotated[float, Field(gt=0, le=3600)] = Field(default=15.0, alias="HEALTH_TTL_S")
+    service_lease_ttl_s: Annotated[float, Field(ge=1, le=300)] = Field(
+        default=10.0, alias="SERVICE_LEASE_TTL_S"
+    )
 
     # Circuit breakers (the guide's thresholds are the defaults)
     cb_failure_threshold: PositiveInt = Field(default=5, alias="CB_FAILURE_THRESHOLD")

@@ -9,4 +9,6 @@ from hean.gateway.service import build
 from hean.gateway.settings import GatewaySettings
 
 if __name__ == "__main__":
-    sys.exit(run_service("api-gateway", build, settings_cls=GatewaySettings))
+    # It consumes no stream and keeps no trading state: several may run behind a load
+    # balancer (docs/DEPLOYMENT.md), so it takes no service lease.
+    sys.exit(run_service("api-gateway", build, settings_cls=GatewaySettings, exclusive=False))
