@@ -369,6 +369,39 @@ async def test_order_path_risk_trading_day_and_its_start_equity_survive_a_restar
     await svc.stop()
 
 
+@pytest.mark.parametrize("earlier_day", [True, False])
+async def test_risk_down_at_midnight_starts_the_day_at_the_account_s_equity(
+    redis_url, redis_client, earlier_day
+):
+    """Risk restarted after midnight starts the new day at the equity the last update of an
+    earlier day showed (else the day's first), not at STARTING_EQUITY (10,000): an account
+    grown to 20,000 must not be allowed to lose half of it before the 5% limit trips."""
+    now_ms = time.time_ns() // 1_000_000
+    midnight_ms = now_ms - now_ms % (NS_PER_DAY // 1_000_000)
+    today = midnight_ms // (NS_PER_DAY // 1_000_000)
+    await redis_client.hset("hean:risk:day", mapping={"day": today - 1, "start_equity": "10000"})
+    key = stream_key(EventType.PNL_UPDATE)
+    updates = [(midnight_ms + 1, "19900"), (midnight_ms + 2, "19800")]
+    if earlier_day:
+        updates.insert(0, (midnight_ms - 60_000, "20000"))
+    for ms, equity in updates:
+        event = Event(
+            event_type=EventType.PNL_UPDATE,
+            data={"total_pnl": "0", "realized_pnl": "0", "unrealized_pnl": "0", "equity": equity},
+            timestamp=ms * 1_000_000,
+        )
+        await redis_client.xadd(key, event.stream_fields, id=f"{ms}-0")
+    bus, svc = await start_risk(redis_url, redis_client)
+    try:
+        gov = svc.governor
+        assert gov.day == today and gov.equity == D(19800)
+        assert gov.day_start_equity == D(20000 if earlier_day else 19900)
+        assert not gov.kill_switch.active  # 1% (0.5%) down on the day, not 98% up
+    finally:
+        await bus.stop()
+        await svc.stop()
+
+
 async def test_order_path_risk_starts_past_malformed_pnl_updates_from_the_last_valid_one(
     redis_url, redis_client
 ):

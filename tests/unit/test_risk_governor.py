@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import pytest
@@ -412,3 +413,93 @@ async def test_fill_that_finishes_an_order_smaller_than_approved_releases_the_re
     assert gov.worst_case_notional("BTC/USDT", D(100)) == D(50)
     gov.on_fill("a", "BTC/USDT", Side.BUY, D("0.4"), D(100), key="f1", finished=True)
     assert gov.worst_case_notional("BTC/USDT", D(100)) == D(40)  # the position only
+
+
+# --- what an order is checked at, whose clock rolls the day, votes that take time ---------
+
+
+async def test_market_order_is_checked_at_the_market_whatever_price_it_carries():
+    # Mark 100: 150 BTC is 15,000 USDT > MAX_POSITION_SIZE 10,000, even stamped price 1.
+    gov = governor()
+    decision = await gov.decide(request("m", "BUY", "150", price="1"))
+    assert not decision.approved
+    assert "would reach 15000.00 USDT > MAX_POSITION_SIZE" in decision.reasons[0]
+
+
+async def test_marketable_sell_limit_is_checked_at_the_market_a_buy_limit_at_its_price():
+    gov = governor()
+    # A sell limit at 1 with the market at 100 fills near 100: a 15,000 USDT short.
+    sell = await gov.decide(request("s", "SELL", "150", type="limit", price="1"))
+    assert not sell.approved and "15000.00 USDT" in sell.reasons[0]
+    # A buy limit fills at its price or lower: 150 at 50 is 7,500.
+    buy = await gov.decide(request("b", "BUY", "150", type="limit", price="50"))
+    assert buy.approved, buy.reasons
+
+
+def test_signal_is_sized_at_the_market_not_at_the_price_it_carries():
+    gov = governor()
+    at_mark = gov.size_signal(signal(0.7))
+    stamped = gov.size_signal(signal(0.7, price="1"))
+    assert isinstance(at_mark, SizedOrder) and isinstance(stamped, SizedOrder)
+    assert stamped.data["size"] == at_mark.data["size"]
+    assert stamped.data["reference_price"] == D(100)
+    # A buy limit is sized at its own price (it fills there or lower).
+    limit = gov.size_signal(signal(0.7, type="limit", price="50"))
+    assert isinstance(limit, SizedOrder) and limit.data["size"] == 2 * at_mark.data["size"]
+
+
+async def test_a_request_stamped_tomorrow_does_not_start_a_new_day():
+    gov = RiskGovernor(
+        RiskLimits(max_position_size=D(10000), max_leverage=D(3), daily_drawdown_limit=D("0.05")),
+        starting_equity=D(10000),
+        clock=lambda: T0 + 10**9,
+    )
+    gov.on_mark("BTC/USDT", D(100))
+    gov.on_pnl({"equity": "9600"}, T0)  # 4% down on the day
+    tomorrow = request("t", "BUY", "1").model_copy(update={"timestamp": T0 + NS_PER_DAY})
+    assert (await gov.decide(tomorrow)).approved
+    assert gov.day_start_equity == D(10000)  # the day did not restart at 9,600
+    assert gov.on_pnl({"equity": "9400"}, T0 + 2 * 10**9) is not None  # 6%: tripped
+
+
+async def test_an_order_awaiting_its_votes_counts_in_the_limits_of_orders_decided_meanwhile():
+    # MAX_TOTAL_EXPOSURE 15,000: BTC 9,000 and ETH 9,000 together are 18,000.
+    gov = governor(max_total_exposure=D(15000))
+    release = asyncio.Event()
+
+    async def slow_yes(event: Event) -> None:
+        if event.data["symbol"] == "BTC/USDT":
+            await release.wait()  # e.g. a check that asks a service over the network
+        await check.publish(Event(event_type=EventType.ORDER_APPROVED, data=event.data))
+
+    check = gov.check_bus("slow")
+    check.subscribe(EventType.ORDER_REQUEST, slow_yes)
+    btc = asyncio.create_task(gov.decide(request("btc", "BUY", "90")))
+    await asyncio.sleep(0)
+    eth = await gov.decide(request("eth", "BUY", "900", sym="ETH/USDT"))
+    release.set()
+    assert (await btc).approved
+    assert not eth.approved and "total exposure would reach 18000.00" in eth.reasons[0]
+    # A no from the votes gives the reservation back.
+    check.handlers[:] = [lambda event: None]
+    assert not (await gov.decide(request("eth2", "BUY", "10", sym="ETH/USDT"))).approved
+    assert set(gov._reserved) == {"btc"}
+
+
+async def test_a_kill_switch_tripped_while_an_order_awaited_its_votes_rejects_it():
+    gov = governor()
+    release = asyncio.Event()
+
+    async def slow_yes(event: Event) -> None:
+        await release.wait()
+        await check.publish(Event(event_type=EventType.ORDER_APPROVED, data=event.data))
+
+    check = gov.check_bus("slow")
+    check.subscribe(EventType.ORDER_REQUEST, slow_yes)
+    pending = asyncio.create_task(gov.decide(request("o", "BUY", "1")))
+    await asyncio.sleep(0)
+    gov.trigger_kill_switch("manual", T0)
+    release.set()
+    decision = await pending
+    assert not decision.approved and decision.reasons == ("kill switch active: manual",)
+    assert gov._reserved == {}

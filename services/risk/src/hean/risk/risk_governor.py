@@ -28,13 +28,14 @@ from __future__ import annotations
 import contextvars
 import decimal
 import inspect
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
-from hean.core.types import Event, EventType, OrderRequestData, Side
+from hean.core.types import Event, EventType, OrderRequestData, OrderType, Side
 from hean.risk.kelly import KellyParams, bet_fraction, shrunk_payoff_ratio
 
 ZERO = Decimal(0)
@@ -183,6 +184,7 @@ class RiskGovernor:
         starting_equity: Decimal,
         kelly: KellyParams | None = None,
         decision_cache_size: int = 10_000,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
         if starting_equity <= 0:
             raise ValueError("starting equity must be > 0")
@@ -202,6 +204,7 @@ class RiskGovernor:
         self._cache_size = decision_cache_size
         self._checks: list[tuple[str, RiskCheckFn]] = []
         self._check_buses: list[CheckBus] = []
+        self._clock = clock
 
     # --- plug-ins ----------------------------------------------------------------------------
 
@@ -342,7 +345,10 @@ class RiskGovernor:
         share = bet_fraction(p, b, self.kelly)
         if share <= 0:
             return NoOrder(signal.event_id, f"Kelly fraction <= 0 (p={p}, b={b:.4f})")
-        price = _decimal(data.get("price")) or self.marks.get(symbol)
+        order_type = _order_type(data.get("type"))
+        price = valuation_price(
+            order_type, side, _decimal(data.get("price")), self.marks.get(symbol)
+        )
         if price is None or price <= 0:
             return NoOrder(signal.event_id, f"no market price for {symbol}")
         notional = min(_CTX.multiply(self.equity, share), self.limits.max_position_size)
@@ -402,7 +408,7 @@ class RiskGovernor:
             reasons.append(f"kill switch active: {self.kill_switch.reason}")
         if order.reduce_only and not reducing:
             reasons.append("reduce-only order would increase or flip the position")
-        price = order.price or self.marks.get(symbol)
+        price = valuation_price(order.type, side, order.price, self.marks.get(symbol))
         if not reducing:
             self.roll_day(timestamp_ns)
             if self.drawdown >= self.limits.daily_drawdown_limit:
@@ -484,13 +490,25 @@ class RiskGovernor:
         cached = self._decisions.get(order.order_id)
         if cached is not None:
             return cached
-        decision = self.evaluate(order, request.timestamp)
-        if decision.approved:
+        # The day rolls on risk's clock: a request stamped in the future by its publisher's
+        # clock must not start a new day (and a new drawdown base) early.
+        decision = self.evaluate(order, min(request.timestamp, self._clock()))
+        if decision.approved and self._check_buses:
+            # Reserved before the votes are awaited: an order decided meanwhile (another
+            # symbol, on another worker) counts this one in its limits.
+            reducing = self.is_reducing(order.symbol, order.side, order.size)
+            signed = order.size if order.side is Side.BUY else -order.size
+            self._reserved[order.order_id] = _Reservation(order.symbol, signed)
             reasons = await self._vote(request)
+            if self.kill_switch.active and not reducing:  # it tripped during the votes
+                reasons.append(f"kill switch active: {self.kill_switch.reason}")
             if reasons:
+                self._reserved.pop(order.order_id, None)
                 decision = replace(decision, approved=False, reasons=tuple(reasons))
         cached = self._decisions.get(order.order_id)  # a concurrent duplicate finished first
         if cached is not None:
+            if not cached.approved:
+                self._reserved.pop(order.order_id, None)
             return cached
         self._remember(decision)
         if decision.approved:
@@ -520,6 +538,27 @@ class RiskGovernor:
         self._decisions[decision.order_id] = decision
         while len(self._decisions) > self._cache_size:
             self._decisions.popitem(last=False)
+
+
+def valuation_price(
+    order_type: OrderType, side: Side, price: Decimal | None, mark: Decimal | None
+) -> Decimal | None:
+    """The price an order is sized and checked at: the most it may fill at, never just the
+    price it carries. A market order (and any order without a price) fills near the market,
+    whatever `price` says. A buy limit fills at its price or lower; a sell limit at its
+    price or higher: at the market, when that is above it (a marketable sell)."""
+    if order_type is OrderType.MARKET or price is None:
+        return mark
+    if side is Side.SELL and mark is not None:
+        return max(price, mark)
+    return price
+
+
+def _order_type(value: Any) -> OrderType:
+    try:
+        return OrderType(str(value or "market").lower())
+    except ValueError:
+        return OrderType.MARKET  # the request it becomes is validated (and refused) later
 
 
 def order_id_for_signal(signal_event_id: str) -> str:

@@ -47,7 +47,13 @@ from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, RiskSettings
 from hean.core.types import Event, EventType, InvalidEventError, Side
 from hean.risk.kelly import KellyParams
-from hean.risk.risk_governor import KillSwitchState, NoOrder, RiskGovernor, RiskLimits
+from hean.risk.risk_governor import (
+    NS_PER_DAY,
+    KillSwitchState,
+    NoOrder,
+    RiskGovernor,
+    RiskLimits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +209,19 @@ class RiskService:
         fills = 0
         async for event in stream.replay_events(EventType.ORDER_FILLED):
             fills += self._apply_fill(event)
-        pnl = await self._last_pnl_update()
+        pnl = await self._pnl_update()
         if pnl is not None:
+            pnl_day = pnl.timestamp // NS_PER_DAY
+            if gov.day is None or pnl_day > gov.day:
+                # Risk was down when the day began (or never saw a day): the day starts at
+                # the last equity of an earlier day, else at the day's first; not at
+                # STARTING_EQUITY, which may be far from the account's equity today.
+                midnight_ms = pnl_day * NS_PER_DAY // 1_000_000
+                start = await self._pnl_update(newest=f"({midnight_ms}-0")
+                start = start or await self._pnl_update(oldest=f"{midnight_ms}-0", first=True)
+                equity = (start or pnl).data.get("equity")
+                if equity is not None:
+                    gov.equity = Decimal(str(equity))
             gov.on_pnl(pnl.data, pnl.timestamp)
         await self._hold_kill_switch()
         decided = await self._recall_decisions(group)
@@ -419,15 +436,22 @@ class RiskService:
             await self.redis.hset(KILLSWITCH_KEY, "announced", "1")
         self._announced = state
 
-    async def _last_pnl_update(self, scan: int = 1000) -> Event | None:
-        """The newest valid PNL_UPDATE in the stream. Anyone who can write to Redis can add
-        a malformed entry (the bus dead-letters it for consumers), and it must not stop risk
-        from starting: undecodable entries are skipped with a warning, up to `scan` back."""
+    async def _pnl_update(
+        self, newest: str = "+", oldest: str = "-", *, first: bool = False, scan: int = 1000
+    ) -> Event | None:
+        """The newest (`first`: the oldest) valid PNL_UPDATE between stream ids `oldest` and
+        `newest`. Anyone who can write to Redis can add a malformed entry (the bus
+        dead-letters it for consumers), and it must not stop risk from starting:
+        undecodable entries are skipped with a warning, up to `scan` of them."""
         assert self.redis is not None
         key = stream_key(EventType.PNL_UPDATE)
-        newest, page, seen = "+", 1, 0  # the newest entry is almost always valid: ask for 1
+        page, seen = 1, 0  # the entry asked for is almost always valid: ask for 1
         while seen < scan:
-            entries: Any = await self.redis.xrevrange(key, max=newest, count=page)
+            entries: Any = await (
+                self.redis.xrange(key, min=oldest, max=newest, count=page)
+                if first
+                else self.redis.xrevrange(key, max=newest, min=oldest, count=page)
+            )
             for entry_id, fields in entries:
                 try:
                     return decode_entry(key, fields)
@@ -436,7 +460,9 @@ class RiskService:
             if len(entries) < page:
                 return None
             seen += len(entries)
-            newest, page = f"({as_str(entries[-1][0])}", 100
+            after = f"({as_str(entries[-1][0])}"
+            oldest, newest = (after, newest) if first else (oldest, after)
+            page = 100
         return None
 
     async def _save_day(self) -> None:
