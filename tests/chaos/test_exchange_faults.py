@@ -63,7 +63,9 @@ class Rig:
         data = {"order_id": order_id, "symbol": SYMBOL, "side": "BUY", "size": size}
         if limit is not None:
             data |= {"type": "limit", "price": limit}
-        await self.bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+        await self.bus.publish(
+            Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=data)
+        )
         await self.bus.flush(10)
 
     async def tick(self) -> None:

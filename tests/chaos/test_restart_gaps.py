@@ -81,6 +81,7 @@ async def test_execution_restart_fills_approval_at_last_known_price(
     system.kill(first)
     approval = Event(
         event_type=EventType.ORDER_APPROVED,
+        source="risk:test",
         data={"order_id": "after-restart-1", "symbol": "BTC/USDT", "side": "BUY", "size": "0.01"},
     )
     await _send(redis_url, approval)

@@ -198,6 +198,7 @@ async def test_order_path_redelivered_approval_after_restart_places_once(redis_u
     await publish(redis_url, tick("100"))
     order = Event(
         event_type=EventType.ORDER_APPROVED,
+        source="risk:test",
         data={"order_id": "dup-1", "symbol": "BTC/USDT", "side": "BUY", "size": "1"},
     )
     bus, svc = await start_execution(redis_url, redis_client, "a")
@@ -216,6 +217,28 @@ async def test_order_path_redelivered_approval_after_restart_places_once(redis_u
     assert await redis_client.scard(OPEN_ORDERS_KEY) == 0
     await bus.stop()
     await svc.stop()
+
+
+async def test_approval_not_published_by_risk_is_dead_lettered_not_placed(redis_url, redis_client):
+    """The guide's CustomRiskCheck, run on the real bus, publishes ORDER_APPROVED for what
+    it likes: nothing of risk's limits, kill switch or reservations stands behind that."""
+    bus, svc = await start_execution(redis_url, redis_client)
+    try:
+        rogue = Event(
+            event_type=EventType.ORDER_APPROVED,
+            data={"order_id": "rogue-1", "symbol": "BTC/USDT", "side": "BUY", "size": "500"},
+        )
+        await publish(redis_url, tick("100"), rogue)  # published by "test-source"
+        await eventually(lambda: _group_done(redis_client, EventType.ORDER_APPROVED, "execution"))
+        dead: Any = await redis_client.xrange("hean:dlq")
+        assert len(dead) == 1
+        error = dead[0][1][b"error"].decode()
+        assert "ORDER_APPROVED rogue-1 was published by test-source:1, not by risk" in error
+        assert await events(redis_url, EventType.ORDER_PLACED) == []
+        assert not await redis_client.exists(f"{ORDER_KEY_PREFIX}rogue-1")  # never claimed
+    finally:
+        await bus.stop()
+        await svc.stop()
 
 
 @pytest.mark.parametrize(
@@ -746,7 +769,7 @@ async def test_risk_restart_does_not_decide_again_what_it_decided_before(redis_u
         redis_url,
         tick("100"),
         Event(event_type=EventType.ORDER_REQUEST, data=request),
-        Event(event_type=EventType.ORDER_APPROVED, data=approved),
+        Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=approved),
         Event(event_type=EventType.ORDER_FILLED, data=fill),
     )
     bus, svc = await start_risk(redis_url, redis_client)
@@ -788,7 +811,12 @@ async def test_restarted_execution_does_not_place_an_approval_made_before_the_ki
         redis_url,
         tick("100"),
         Event(event_type=EventType.KILLSWITCH_TRIGGERED, data=trigger, timestamp=t_switch),
-        Event(event_type=EventType.ORDER_APPROVED, data=approval, timestamp=t_switch - 10**9),
+        Event(
+            event_type=EventType.ORDER_APPROVED,
+            source="risk:test",
+            data=approval,
+            timestamp=t_switch - 10**9,
+        ),
     )
     bus, _svc = await start_execution(redis_url, redis_client)  # reads the switch at start
 

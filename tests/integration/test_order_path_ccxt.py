@@ -331,7 +331,7 @@ async def test_ccxt_service_unanswered_placement_on_last_delivery_is_not_rejecte
     bus, _svc, seen = await running_service(exchange, *watched, bus=last_delivery)
     fake.lose_next_create = 3
     data = {"order_id": "unk-3", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
-    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=data))
     await bus.flush(10)
     assert seen == []
     assert list(fake.orders) == ["unk-3-1"]
@@ -366,7 +366,9 @@ async def test_ccxt_unanswered_later_slice_is_followed_and_cancelled_by_the_kill
     t0 = time.time_ns()
     data: dict[str, Any] = {"order_id": "tw", "symbol": "BTC/USDT", "side": "BUY", "size": "0.5"}
     data |= {"type": "twap", "price": "90", "slices": 2, "duration_s": 10}
-    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data, timestamp=t0))
+    await bus.publish(
+        Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=data, timestamp=t0)
+    )
     await bus.flush(10)
     assert list(fake.orders) == ["tw-1"]
     fake.lose_next_create = 3
@@ -514,7 +516,7 @@ async def test_ccxt_kill_switch_after_an_unpolled_fill_reports_the_fill(venue, e
     bus, _svc, seen = await running_service(exchange, *watched)
     data = {"order_id": "ks", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
     data |= {"type": "limit", "price": "90"}
-    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=data))
     await bus.flush(10)
     fake.fill_resting("ks-1")
     trigger = {"reason": "daily drawdown", "triggered_by": "risk"}
@@ -555,7 +557,7 @@ async def test_ccxt_order_the_venue_cancelled_is_reported_cancelled(venue, excha
     bus, svc, cancelled = await running_service(exchange, EventType.ORDER_CANCELLED)
     data = {"order_id": "vc", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
     data |= {"type": "limit", "price": "90"}
-    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=data))
     await bus.flush(10)
     assert fake.orders["vc-1"]["orderStatus"] == "New"
     fake.orders["vc-1"]["orderStatus"] = "Cancelled"
@@ -577,6 +579,7 @@ async def test_ccxt_execution_service_approval_to_fill_on_fake_bybit(venue, exch
     bus, _svc, fills = await running_service(exchange, EventType.ORDER_FILLED, ledger=ledger)
     approved = Event(
         event_type=EventType.ORDER_APPROVED,
+        source="risk:test",
         data={"order_id": "live-1", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"},
     )
     await bus.publish(approved)
@@ -605,7 +608,7 @@ async def test_ccxt_size_off_the_venue_step_placed_rounded_down_and_finished(
         "size": "0.058333",
         "reference_price": "100",
     }
-    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=data))
     await bus.publish(Event(event_type=EventType.TICK, data={"symbol": "BTC/USDT", "price": "100"}))
     await bus.flush(10)
     assert of(seen, EventType.ORDER_REJECTED) == []
@@ -626,6 +629,7 @@ async def test_ccxt_restart_reconciles_open_venue_order_by_cancelling_it(venue, 
     await bus.publish(
         Event(
             event_type=EventType.ORDER_APPROVED,
+            source="risk:test",
             data={
                 "order_id": "rest-1",
                 "symbol": "BTC/USDT",
@@ -665,7 +669,7 @@ async def _rest_then_die(fake: FakeBybit, config: CcxtConfig, redis_client: Any,
     await bus.start()
     data = {"order_id": oid, "symbol": "BTC/USDT", "side": "BUY", "size": "0.5"}
     data |= {"type": "limit", "price": "90"}
-    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, data=data))
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=data))
     await bus.flush(10)
     assert fake.orders[f"{oid}-1"]["orderStatus"] == "New"
     await bus.stop()

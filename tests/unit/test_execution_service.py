@@ -53,7 +53,9 @@ async def tick(bus: EventBus, price: str, t_s: float) -> None:
 
 def approved(order_id="o1", size="1", t_s: float = 1, **extra) -> Event:
     data = {"order_id": order_id, "symbol": "BTC/USDT", "side": "BUY", "size": size, **extra}
-    return Event(event_type=EventType.ORDER_APPROVED, data=data, timestamp=int(t_s * S))
+    return Event(
+        event_type=EventType.ORDER_APPROVED, source="risk:test", data=data, timestamp=int(t_s * S)
+    )
 
 
 async def test_execution_market_order_placed_and_filled_with_fill_fields():
@@ -163,7 +165,9 @@ async def test_execution_killswitch_cancels_working_algorithms_and_resting_order
 async def test_execution_bad_order_rejected_with_exchange_reason(data, reason):
     bus, svc, seen = await _wired()
     event = approved()
-    event = Event(event_type=EventType.ORDER_APPROVED, data={**dict(event.data), **data})
+    event = Event(
+        event_type=EventType.ORDER_APPROVED, source="risk:test", data={**dict(event.data), **data}
+    )
     await bus.publish(event)
     await bus.flush(5)
     (rejected,) = seen[EventType.ORDER_REJECTED]

@@ -485,6 +485,11 @@ class Event(BaseModel):
             raise InvalidEventError(f"unknown envelope fields: {sorted(unknown)}")
         return cls(**payload)
 
+    @property
+    def source_service(self) -> str:
+        """The service that published it: `source` is its consumer name, `<service>:...`."""
+        return self.source.split(":", 1)[0]
+
     def with_context(self, *, source: str) -> Event:
         """Fill `source` and `correlation_id` if empty (the bus calls this at publish)."""
         updates: dict[str, Any] = {}

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from hean.core.bus import EventBus, is_last_attempt
 from hean.core.circuit_breaker import CircuitBreaker, CircuitBreakerOpenError
-from hean.core.errors import TransientError
+from hean.core.errors import PermanentError, TransientError
 from hean.core.event_streams import RedisEventStream, as_str, newest_events, stream_key
 from hean.core.metrics import Metrics
 from hean.core.resp import RespConnection
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: Finished orders kept in memory, so a venue's late fill of one is still reported as its.
 FINISHED_MEMORY = 10_000
+#: The service whose ORDER_APPROVED execution places (its consumer group, topology).
+APPROVER = "risk"
 #: ORDER_FILLED entries reconciliation reads back when an open order has no claim time.
 RECONCILE_SCAN = 10_000
 #: How far back the venue's fills are asked for an open order the ledger has no claim time
@@ -388,6 +390,14 @@ class ExecutionService:
         data = event.data
         order_id = str(data["order_id"])
         symbol = str(data["symbol"])
+        if event.source_service != APPROVER:
+            # Only risk's approval has passed its limits and the kill switch, and reserved
+            # exposure; a check subscribed to ORDER_REQUEST on the bus cannot approve.
+            raise PermanentError(
+                f"ORDER_APPROVED {order_id} was published by {event.source or 'no service'}, "
+                f"not by {APPROVER}: execution places only {APPROVER}'s approvals (custom "
+                "checks plug into risk: docs/ORDER_PATH.md, Custom checks)"
+            )
         if order_id in self.parents or order_id in self._finished:
             log.info("order %s is being or was worked here; redelivery ignored", order_id)
             return
