@@ -233,12 +233,11 @@ async def test_positions_and_pnl_before_and_after_pnl_update(gateway, bus):
 
 
 async def test_orders_fills_and_open_orders_from_streams(gateway, bus):
-    for order_id in ("o1", "o2", "o3"):
-        await publish(
-            bus,
-            EventType.ORDER_APPROVED,
-            {"order_id": order_id, "symbol": "BTC/USDT", "side": "BUY", "size": "2"},
-        )
+    for order_id in ("o1", "o2", "o3", "rogue"):
+        data = {"order_id": order_id, "symbol": "BTC/USDT", "side": "BUY", "size": "2"}
+        # Only risk's approvals are orders (execution dead-letters any other).
+        source = "" if order_id == "rogue" else "risk:test"
+        await bus.publish(Event(event_type=EventType.ORDER_APPROVED, source=source, data=data))
     await publish(bus, EventType.ORDER_PLACED, {"order_id": "o1", "exchange_order_id": "x1"})
     await publish(
         bus,

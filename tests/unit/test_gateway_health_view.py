@@ -145,6 +145,7 @@ def test_lookup_guide_names_aliases_and_services():
 def approved(order_id: str, size: str = "1") -> Event:
     return Event(
         event_type=EventType.ORDER_APPROVED,
+        source="risk:test",
         data={"order_id": order_id, "symbol": "BTC/USDT", "side": "BUY", "size": size},
     )
 

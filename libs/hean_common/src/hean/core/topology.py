@@ -20,6 +20,10 @@ from hean.core.types import EventType
 
 E = EventType
 
+#: The service whose ORDER_APPROVED is an order: execution places only its approvals, and
+#: the gateway lists only its approvals as orders (a custom check on the bus cannot approve).
+APPROVER: Final = "risk"
+
 CONSUMER_GROUPS: Final[Mapping[str, frozenset[EventType]]] = {
     "features": frozenset({E.CANDLE}),
     "ml-service": frozenset({E.FEATURES_READY}),

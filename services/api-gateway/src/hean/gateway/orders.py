@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from hean.core.topology import APPROVER
 from hean.core.types import Event, EventType
 
 
@@ -34,6 +35,8 @@ def open_orders(events: Iterable[Event]) -> list[dict[str, Any]]:
         if not order_id:
             continue
         if event.event_type is EventType.ORDER_APPROVED:
+            if event.source_service != APPROVER:
+                continue  # not an order: execution dead-letters it
             orders.setdefault(
                 order_id,
                 {

@@ -34,6 +34,7 @@ from hean.core.metrics import Metrics
 from hean.core.resp import RespConnection
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, ExchangeSettings
+from hean.core.topology import APPROVER
 from hean.core.types import Event, EventType, current_event
 from hean.execution.ccxt_exchange import CcxtConfig, CcxtExchange
 from hean.execution.exchange import (
@@ -53,8 +54,6 @@ log = logging.getLogger(__name__)
 
 #: Finished orders kept in memory, so a venue's late fill of one is still reported as its.
 FINISHED_MEMORY = 10_000
-#: The service whose ORDER_APPROVED execution places (its consumer group, topology).
-APPROVER = "risk"
 #: ORDER_FILLED entries reconciliation reads back when an open order has no claim time.
 RECONCILE_SCAN = 10_000
 #: How far back the venue's fills are asked for an open order the ledger has no claim time
