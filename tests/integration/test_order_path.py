@@ -305,6 +305,40 @@ async def _count(url: str, etype: EventType, n: int) -> bool:
     return len(await events(url, etype)) >= n
 
 
+async def test_drawdown_stop_trips_on_ticks_alone_when_portfolio_stops_reporting(
+    redis_url, redis_client
+):
+    """Portfolio reports once (equity 10,000, long 50 BTC at 100) and then nothing (down,
+    stalled): the market falls 6% and risk's own valuation trips the 5% stop."""
+    bus, svc = await start_risk(redis_url, redis_client)
+    try:
+        await publish(redis_url, tick("100"), _fill("f1", "BUY", "50", "100"))
+        pnl = Event(
+            event_type=EventType.PNL_UPDATE,
+            data={
+                "total_pnl": "0",
+                "realized_pnl": "0",
+                "unrealized_pnl": "0",
+                "equity": "10000",
+                "positions": {"BTC/USDT": {"qty": "50", "mark_price": "100"}},
+            },
+        )
+        await publish(redis_url, pnl)
+        await eventually(lambda: _group_done(redis_client, EventType.PNL_UPDATE, "risk"))
+        await publish(redis_url, tick("98"))
+        await eventually(lambda: _true(svc.governor.equity == D(9900)))
+        assert await events(redis_url, EventType.KILLSWITCH_TRIGGERED) == []
+        await publish(redis_url, tick("88"))  # 50 x -12 = -600: 6% on the day
+        triggered = await eventually(
+            lambda: _events_if_any(redis_url, EventType.KILLSWITCH_TRIGGERED)
+        )
+        assert "daily drawdown 6.0000% reached the limit 5.00%" in triggered[0].data["reason"]
+        assert (await redis_client.hget(KILLSWITCH_KEY, "active")) == b"1"
+    finally:
+        await bus.stop()
+        await svc.stop()
+
+
 async def test_order_path_killswitch_command_survives_risk_restart(redis_url, redis_client):
     bus, svc = await start_risk(redis_url, redis_client, "a")
     await redis_client.xadd(COMMAND_STREAM, {"command": "trigger", "reason": "operator"})

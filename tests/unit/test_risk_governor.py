@@ -503,3 +503,49 @@ async def test_a_kill_switch_tripped_while_an_order_awaited_its_votes_rejects_it
     decision = await pending
     assert not decision.approved and decision.reasons == ("kill switch active: manual",)
     assert gov._reserved == {}
+
+
+# --- equity between PNL_UPDATEs -----------------------------------------------------------
+
+
+def test_equity_follows_risk_s_marks_between_pnl_updates_and_trips_the_drawdown_stop():
+    # Portfolio reported once (10,000, BTC long 100 at mark 100) and then nothing: the
+    # market falls 6% and the 5% stop must still trip.
+    gov = governor()
+    fill(gov, "o", "BUY", "100")
+    pnl = {"equity": "10000", "positions": {"BTC/USDT": {"qty": "100", "mark_price": "100"}}}
+    assert gov.on_pnl(pnl, T0) is None
+    assert gov.on_mark("BTC/USDT", D(96)) is None
+    assert gov.equity == D(9600) and gov.drawdown == D("0.04")
+    state = gov.on_mark("BTC/USDT", D(94))
+    assert state is not None and state.active and "daily drawdown 6.0000%" in state.reason
+    gov.on_pnl({"equity": "9390"}, T0 + 10**9)  # the next update replaces the estimate
+    assert gov.equity == D(9390)
+
+
+def test_a_fill_after_the_last_pnl_update_is_valued_from_its_own_price():
+    gov = governor()
+    gov.on_pnl({"equity": "10000"}, T0)  # flat, BTC mark 100
+    fill(gov, "o", "BUY", "10", price="101")  # paid 1 over the mark
+    assert gov.equity == D(9990)
+    gov.on_mark("BTC/USDT", D(110))
+    assert gov.equity == D(10090)  # 10,000 - 1,010 paid + 10 x 110
+
+
+def test_unreported_seconds_count_market_moves_after_the_last_pnl_update():
+    now = [T0]
+    gov = RiskGovernor(
+        RiskLimits(max_position_size=D(10000), max_leverage=D(3), daily_drawdown_limit=D("0.5")),
+        starting_equity=D(10000),
+        clock=lambda: now[0],
+    )
+    gov.on_mark("BTC/USDT", D(100))
+    fill(gov, "o", "BUY", "1")
+    gov.on_pnl({"equity": "10000"}, T0)
+    now[0] = T0 + 61 * 10**9
+    gov.on_mark("ETH/USDT", D(10))  # no position: not a move that matters
+    assert gov.unreported_s() == 0
+    gov.on_mark("BTC/USDT", D(101))
+    assert gov.unreported_s() == 61
+    gov.on_pnl({"equity": "10001"}, T0 + 61 * 10**9)
+    assert gov.unreported_s() == 0

@@ -190,7 +190,18 @@ class RiskGovernor:
             raise ValueError("starting equity must be > 0")
         self.limits = limits
         self.kelly = kelly or KellyParams()
-        self.equity = starting_equity
+        #: Equity of the last PNL_UPDATE (or STARTING_EQUITY), the marks it was valued at,
+        #: and its time (None: none yet). Between two updates risk values its own positions
+        #: at its own marks from there (`equity`), so the daily drawdown keeps moving with the
+        #: market when portfolio is slow, stalled or down.
+        self._base_equity = starting_equity
+        self._base_marks: dict[str, Decimal] = {}
+        self._equity = starting_equity
+        #: When (risk's clock) the last PNL_UPDATE came, and when a held position's mark
+        #: last moved: the market moving long after the last update means portfolio is not
+        #: reporting (`unreported_s`).
+        self._pnl_seen_ns: int | None = None
+        self._moved_ns: int | None = None
         self.day: int | None = None
         self.day_start_equity = starting_equity
         self.positions: dict[str, Decimal] = {}
@@ -224,9 +235,58 @@ class RiskGovernor:
 
     # --- state from events --------------------------------------------------------------------
 
-    def on_mark(self, symbol: str, price: Decimal) -> None:
-        if price > 0:
-            self.marks[symbol] = price
+    @property
+    def equity(self) -> Decimal:
+        """The account's equity now: the last PNL_UPDATE's, moved by risk's positions at
+        risk's marks since then."""
+        return self._equity
+
+    @equity.setter
+    def equity(self, value: Decimal) -> None:
+        """The account's equity at the current marks (a PNL_UPDATE, a restore)."""
+        self._base_equity = self._equity = value
+        self._base_marks = dict(self.marks)
+
+    def on_mark(self, symbol: str, price: Decimal) -> KillSwitchState | None:
+        """A new market price. Returns the new kill-switch state if the equity it gives
+        breached the daily drawdown limit."""
+        if price <= 0:
+            return None
+        self.marks[symbol] = price
+        self._base_marks.setdefault(symbol, price)
+        if not self.positions.get(symbol):
+            return None
+        self._revalue()
+        self._moved_ns = self._clock()
+        return self._check_drawdown(self._moved_ns)
+
+    def unreported_s(self) -> float:
+        """Seconds the market moved a held position since the last PNL_UPDATE (0 if it
+        has not)."""
+        if self._moved_ns is None:
+            return 0.0
+        since = self._pnl_seen_ns if self._pnl_seen_ns is not None else self._moved_ns
+        return max(0.0, (self._moved_ns - since) / 1e9)
+
+    def _revalue(self) -> None:
+        moved = sum(
+            (
+                qty * (self.marks[s] - self._base_marks[s])
+                for s, qty in self.positions.items()
+                if qty and s in self.marks and s in self._base_marks
+            ),
+            ZERO,
+        )
+        self._equity = self._base_equity + moved
+
+    def _check_drawdown(self, timestamp_ns: int) -> KillSwitchState | None:
+        if self.drawdown >= self.limits.daily_drawdown_limit:
+            return self.trigger_kill_switch(
+                f"daily drawdown {self.drawdown:.4%} reached the limit "
+                f"{self.limits.daily_drawdown_limit:.2%}",
+                timestamp_ns,
+            )
+        return None
 
     def on_fill(
         self,
@@ -248,6 +308,10 @@ class RiskGovernor:
         signed = qty if side is Side.BUY else -qty
         self.positions[symbol] = self.positions.get(symbol, ZERO) + signed
         self.marks.setdefault(symbol, price)
+        # Bought at `price`, valued from the base mark on: the difference is the fill's.
+        base = self._base_marks.setdefault(symbol, price)
+        self._base_equity += signed * (base - price)
+        self._revalue()
         res = self._reserved.get(order_id)
         if res is not None:
             left = res.signed_qty - signed
@@ -266,28 +330,23 @@ class RiskGovernor:
 
         Returns the new kill-switch state if this update breached the daily drawdown limit.
         """
-        equity = _decimal(data.get("equity"))
-        if equity is not None:
-            self.roll_day(timestamp_ns)
-            self.equity = equity
         positions = data.get("positions")
         if isinstance(positions, Mapping):
             for symbol, pos in positions.items():
                 if isinstance(pos, Mapping):
                     mark = _decimal(pos.get("mark_price"))
-                    if mark is not None:
-                        self.on_mark(str(symbol), mark)
+                    if mark is not None and mark > 0:
+                        self.marks[str(symbol)] = mark
+        equity = _decimal(data.get("equity"))
+        if equity is not None:
+            self.roll_day(timestamp_ns)
+            self.equity = equity  # valued at the marks just taken from it
+            self._pnl_seen_ns = self._clock()
         stats = data.get("trade_stats")
         if isinstance(stats, Mapping):
             self.observed_payoff = _decimal(stats.get("payoff_ratio"))
             self.closed_trades = int(stats.get("closed_trades") or 0)
-        if self.drawdown >= self.limits.daily_drawdown_limit:
-            return self.trigger_kill_switch(
-                f"daily drawdown {self.drawdown:.4%} reached the limit "
-                f"{self.limits.daily_drawdown_limit:.2%}",
-                timestamp_ns,
-            )
-        return None
+        return self._check_drawdown(timestamp_ns)
 
     def roll_day(self, timestamp_ns: int) -> bool:
         """Start a new UTC day at the current equity if `timestamp_ns` is in a later day."""

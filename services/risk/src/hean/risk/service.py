@@ -68,6 +68,9 @@ COMMAND_GROUP = "risk"
 STALE_RESET_S = 300
 #: How many answered order ids risk remembers, to skip its own ORDER_REQUESTs read back.
 ANSWERED_MEMORY = 100_000
+#: The market moving held positions this long after the last PNL_UPDATE makes risk
+#: degraded: portfolio is not reporting, and the drawdown stop runs on risk's estimate.
+PNL_SILENCE_S = 60.0
 
 UnitDecimal = Annotated[Decimal, Field(gt=0, le=1, allow_inf_nan=False)]
 PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
@@ -185,6 +188,16 @@ class RiskService:
             return {
                 "state": "degraded",
                 "error_message": f"kill switch active: {self.governor.kill_switch.reason}",
+            }
+        unreported = self.governor.unreported_s()
+        if unreported > PNL_SILENCE_S:
+            return {
+                "state": "degraded",
+                "error_message": (
+                    f"no PNL_UPDATE for {unreported:.0f} s while the market moved open "
+                    "positions: equity and drawdown are risk's own estimate from its marks "
+                    "and fills (is portfolio running?)"
+                ),
             }
         return {"state": "healthy"}
 
@@ -379,10 +392,17 @@ class RiskService:
         self._update_metrics()
 
     async def on_tick(self, event: Event) -> None:
-        self.governor.on_mark(str(event.data["symbol"]), event.data["price"])
+        await self._on_mark(str(event.data["symbol"]), event.data["price"])
 
     async def on_candle(self, event: Event) -> None:
-        self.governor.on_mark(str(event.data["symbol"]), event.data["close"])
+        await self._on_mark(str(event.data["symbol"]), event.data["close"])
+
+    async def _on_mark(self, symbol: str, price: Decimal) -> None:
+        # The equity moves with risk's own marks between PNL_UPDATEs: the drawdown stop
+        # does not wait for portfolio (slow, stalled or down) to see a fall.
+        self.governor.on_mark(symbol, price)
+        await self._hold_kill_switch()  # tripped by this mark, or an announcement that failed
+        self._update_metrics()
 
     # --- kill switch ---------------------------------------------------------------------------
 
