@@ -573,6 +573,48 @@ async def test_ccxt_order_the_venue_cancelled_is_reported_cancelled(venue, excha
     await bus.stop()
 
 
+@pytest.mark.parametrize("venue_fills_it", [True, False])
+async def test_ccxt_order_whose_cancel_failed_is_not_reported_cancelled_until_the_venue_says(
+    venue, exchange, venue_fills_it
+):
+    """The kill switch's cancel of a resting child is not taken (the venue answers 503).
+    Reported cancelled at once, risk freed the reservation while the child could still
+    fill: an order stays working (health degraded) until the cancel is taken, sent again on
+    a market event, or the child fills: then it ends filled, not cancelled."""
+    fake, _ = venue
+    watched = (EventType.ORDER_CANCELLED, EventType.ORDER_FILLED)
+    bus, svc, seen = await running_service(exchange, *watched)
+    data = {"order_id": "cf", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
+    data |= {"type": "limit", "price": "90"}
+    await bus.publish(Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=data))
+    await bus.flush(10)
+    fake.fail_next = 100  # the cancel and its retries
+    trigger = {"reason": "manual", "triggered_by": "test"}
+    await bus.publish(Event(event_type=EventType.KILLSWITCH_TRIGGERED, data=trigger))
+    await bus.flush(10)
+    assert seen == [] and fake.orders["cf-1"]["orderStatus"] == "New"
+    health = svc.health_check()
+    assert health["state"] == "degraded" and "cf" in health["error_message"]
+
+    fake.fail_next = 0  # the venue is back
+    if venue_fills_it:
+        fake.fill_resting("cf-1")
+    tick = {"symbol": "BTC/USDT", "price": "100"}
+    await bus.publish(Event(event_type=EventType.TICK, data=tick))
+    await bus.flush(10)
+    if venue_fills_it:
+        (filled,) = seen
+        assert filled.event_type is EventType.ORDER_FILLED
+        assert filled.data["remaining_qty"] == 0  # risk frees the reservation now
+    else:
+        (cancelled,) = seen
+        assert cancelled.event_type is EventType.ORDER_CANCELLED
+        assert cancelled.data["reason"] == "kill switch: manual"
+        assert fake.orders["cf-1"]["orderStatus"] == "Cancelled"
+    assert svc.parents == {} and svc.health_check() == {"state": "healthy"}
+    await bus.stop()
+
+
 async def test_ccxt_execution_service_approval_to_fill_on_fake_bybit(venue, exchange, redis_client):
     fake, _ = venue
     ledger = RedisLedger(redis_client)

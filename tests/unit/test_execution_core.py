@@ -286,7 +286,7 @@ def test_router_slices_never_below_the_venue_minimum_notional():
 def test_router_cancel_stops_algorithm_and_returns_open_children():
     parent = ExecutionRouter().route(order("twap", "1", slices=2, duration_s=10), BTC, 0)
     (c,) = parent.due_children(0)
-    assert parent.cancel() == [c.client_order_id]
+    assert list(parent.cancel()) == [c.client_order_id]
     assert parent.status is ParentStatus.CANCELLED
     assert parent.due_children(100 * S) == []
 

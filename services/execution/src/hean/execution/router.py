@@ -87,6 +87,9 @@ class ParentOrder:
     sent_qty: Decimal = ZERO
     next_slice: int = 0
     open_children: dict[str, Decimal] = field(default_factory=dict)
+    #: Children of a cancelled order whose cancel the venue did not take (client id -> qty
+    #: that may still fill): the order is reported cancelled only once none is left.
+    uncancelled: dict[str, Decimal] = field(default_factory=dict)
     children_sent: int = 0
     status: ParentStatus = ParentStatus.WORKING
 
@@ -161,13 +164,14 @@ class ParentOrder:
         )
 
     def on_fill(self, client_order_id: str, qty: Decimal) -> None:
-        open_qty = self.open_children.get(client_order_id)
-        if open_qty is not None:
-            left = open_qty - qty
-            if left <= 0:
-                del self.open_children[client_order_id]
-            else:
-                self.open_children[client_order_id] = left
+        for children in (self.open_children, self.uncancelled):
+            open_qty = children.get(client_order_id)
+            if open_qty is not None:
+                left = open_qty - qty
+                if left <= 0:
+                    del children[client_order_id]
+                else:
+                    children[client_order_id] = left
         self.filled_qty += qty
         if self.filled_qty >= self.size and self.status is ParentStatus.WORKING:
             self.status = ParentStatus.FILLED
@@ -176,13 +180,13 @@ class ParentOrder:
         qty = self.open_children.pop(client_order_id, ZERO)
         self.sent_qty -= qty
 
-    def cancel(self) -> list[str]:
-        """Stop the algorithm; returns the client ids of children still open."""
+    def cancel(self) -> dict[str, Decimal]:
+        """Stop the algorithm; returns the children still open (client id -> open qty)."""
         if self.status is ParentStatus.WORKING:
             self.status = ParentStatus.CANCELLED
-        open_ids = list(self.open_children)
+        still_open = dict(self.open_children)
         self.open_children.clear()
-        return open_ids
+        return still_open
 
 
 class ExecutionRouter:

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: Finished orders kept in memory, so a venue's late fill of one is still reported as its.
 FINISHED_MEMORY = 10_000
+#: How often cancels the venue did not take are sent again, seconds (on market events).
+CANCEL_RETRY_S = 1.0
 #: ORDER_FILLED entries reconciliation reads back when an open order has no claim time.
 RECONCILE_SCAN = 10_000
 #: How far back the venue's fills are asked for an open order the ledger has no claim time
@@ -190,6 +192,9 @@ class ExecutionService:
         self.parents: dict[str, ParentOrder] = {}
         # finished parents, so a venue's late fill of a cancelled child is still reported
         self._finished: OrderedDict[str, ParentOrder] = OrderedDict()
+        #: Cancelled orders waiting for the venue to take a child's cancel: id -> reason.
+        self._cancelling: dict[str, str] = {}
+        self._last_cancel_retry = 0.0
         self._child_parent: dict[str, str] = {}
         #: Risk's time of the newest KILLSWITCH_TRIGGERED seen: approvals made before it are
         #: not placed.
@@ -224,6 +229,14 @@ class ExecutionService:
         state = self.breaker.state.value
         if state != "closed":
             return {"state": "degraded", "error_message": f"exchange circuit breaker {state}"}
+        if self._cancelling:
+            return {
+                "state": "degraded",
+                "error_message": (
+                    f"{len(self._cancelling)} cancelled order(s) with a child whose cancel the "
+                    f"venue has not taken (may still fill): {', '.join(sorted(self._cancelling))}"
+                ),
+            }
         return {"state": "healthy"}
 
     async def reconcile(self) -> None:
@@ -455,6 +468,7 @@ class ExecutionService:
             await self._on_exchange_fill(fill)
         for child in closed:
             await self._on_venue_closed(child, event.timestamp)
+        await self._retry_cancels(symbol, event.timestamp)
         for parent in [p for p in self.parents.values() if p.symbol == symbol]:
             if not parent.done:
                 try:
@@ -478,13 +492,53 @@ class ExecutionService:
 
     async def _stop_working(self, parent: ParentOrder, now_ns: int) -> None:
         """Stop `parent`'s algorithm and cancel its children still open on the venue, so
-        none fills after the order is reported cancelled. A cancel the venue cannot take
-        now is logged (the child may still fill: its fill is reported as the order's)."""
-        for client_id in parent.cancel():
+        none fills after the order is reported cancelled. A child whose cancel the venue
+        cannot take now stays in `parent.uncancelled`: it may still fill, so the order is
+        not reported cancelled (and risk keeps its reservation) until the cancel is taken,
+        tried again on the symbol's market events, or the child is filled or closed."""
+        for client_id, qty in parent.cancel().items():
             try:
                 await self.breaker.call(self.exchange.cancel, client_id, now_ns)
             except (TransientError, CircuitBreakerOpenError) as exc:
-                log.error("order %s: cancel of %s failed: %s", parent.order_id, client_id, exc)
+                parent.uncancelled[client_id] = qty
+                log.error(
+                    "order %s: cancel of %s failed (%s): it may still fill; the order is "
+                    "reported cancelled once the venue takes the cancel",
+                    parent.order_id,
+                    client_id,
+                    exc,
+                )
+
+    async def _retry_cancels(self, symbol: str, now_ns: int) -> None:
+        """Send again the cancels the venue did not take (at most once a second)."""
+        now = time.monotonic()
+        if not self._cancelling or now - self._last_cancel_retry < CANCEL_RETRY_S:
+            return
+        self._last_cancel_retry = now
+        for order_id in list(self._cancelling):
+            parent = self.parents.get(order_id)
+            if parent is None or parent.symbol != symbol:
+                continue
+            for client_id in list(parent.uncancelled):
+                try:
+                    await self.breaker.call(self.exchange.cancel, client_id, now_ns)
+                except (TransientError, CircuitBreakerOpenError) as exc:
+                    self._count_api_error(exc)
+                    return  # the venue still does not take it: next time
+                parent.uncancelled.pop(client_id, None)
+            await self._settle_cancel(parent)
+
+    async def _settle_cancel(self, parent: ParentOrder) -> None:
+        """Report a cancelled order whose every child is now closed on the venue."""
+        reason = self._cancelling.get(parent.order_id)
+        if reason is None or parent.uncancelled:
+            return
+        del self._cancelling[parent.order_id]
+        if parent.filled_qty >= parent.size:  # its late fills completed it
+            parent.status = ParentStatus.FILLED
+            await self._finish(parent)
+        else:
+            await self._cancelled(parent, reason)
 
     async def _poll_venue(self, now_ns: int) -> tuple[list[ExchangeFill], list[ClosedChild]]:
         """The venue's fills of resting orders, then the children it closed by itself,
@@ -517,6 +571,10 @@ class ExecutionService:
         open are cancelled on the venue) and is reported cancelled with what filled."""
         order_id = self._child_parent.get(closed.client_order_id)
         parent = self.parents.get(order_id) if order_id is not None else None
+        if parent is not None and closed.client_order_id in parent.uncancelled:
+            del parent.uncancelled[closed.client_order_id]  # closed: our cancel or the venue's
+            await self._settle_cancel(parent)
+            return
         if parent is None or parent.done:
             return  # finished already: filled, or cancelled by us
         log.warning(
@@ -657,6 +715,8 @@ class ExecutionService:
         await self._ledger_record_fill(parent.order_id, str(parent.filled_qty))
         if parent.status is ParentStatus.FILLED and parent.order_id in self.parents:
             await self._finish(parent)
+        elif parent.order_id in self._cancelling:
+            await self._settle_cancel(parent)  # a child whose cancel failed filled
 
     def _count_fill(self, fill: ExchangeFill) -> None:
         if self.metrics is not None:
@@ -704,6 +764,9 @@ class ExecutionService:
         self.parents.pop(order_id, None)
 
     async def _cancelled(self, parent: ParentOrder, reason: str) -> None:
+        if parent.uncancelled:  # a child may still fill: reported once the venue says
+            self._cancelling[parent.order_id] = reason
+            return
         await self.bus.publish(
             Event(
                 event_type=EventType.ORDER_CANCELLED,
