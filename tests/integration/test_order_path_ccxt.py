@@ -573,9 +573,12 @@ async def test_ccxt_order_the_venue_cancelled_is_reported_cancelled(venue, excha
     await bus.stop()
 
 
-@pytest.mark.parametrize("venue_fills_it", [True, False])
+@pytest.mark.parametrize(
+    ("venue_fills_it", "poll_interval_s"),
+    [(True, 0.0), (False, 0.0), (True, 1e9)],  # 1e9: fills seen only when the cancel took
+)
 async def test_ccxt_order_whose_cancel_failed_is_not_reported_cancelled_until_the_venue_says(
-    venue, exchange, venue_fills_it
+    venue, exchange, venue_fills_it, poll_interval_s
 ):
     """The kill switch's cancel of a resting child is not taken (the venue answers 503).
     Reported cancelled at once, risk freed the reservation while the child could still
@@ -583,10 +586,12 @@ async def test_ccxt_order_whose_cancel_failed_is_not_reported_cancelled_until_th
     a market event, or the child fills: then it ends filled, not cancelled."""
     fake, _ = venue
     watched = (EventType.ORDER_CANCELLED, EventType.ORDER_FILLED)
-    bus, svc, seen = await running_service(exchange, *watched)
+    bus, svc, seen = await running_service(exchange, *watched, poll_interval_s=poll_interval_s)
     data = {"order_id": "cf", "symbol": "BTC/USDT", "side": "BUY", "size": "0.25"}
     data |= {"type": "limit", "price": "90"}
     await bus.publish(Event(event_type=EventType.ORDER_APPROVED, source="risk:test", data=data))
+    tick = {"symbol": "BTC/USDT", "price": "100"}
+    await bus.publish(Event(event_type=EventType.TICK, data=tick))  # the first poll
     await bus.flush(10)
     fake.fail_next = 100  # the cancel and its retries
     trigger = {"reason": "manual", "triggered_by": "test"}
@@ -599,7 +604,6 @@ async def test_ccxt_order_whose_cancel_failed_is_not_reported_cancelled_until_th
     fake.fail_next = 0  # the venue is back
     if venue_fills_it:
         fake.fill_resting("cf-1")
-    tick = {"symbol": "BTC/USDT", "price": "100"}
     await bus.publish(Event(event_type=EventType.TICK, data=tick))
     await bus.flush(10)
     if venue_fills_it:

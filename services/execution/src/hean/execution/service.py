@@ -194,7 +194,7 @@ class ExecutionService:
         self._finished: OrderedDict[str, ParentOrder] = OrderedDict()
         #: Cancelled orders waiting for the venue to take a child's cancel: id -> reason.
         self._cancelling: dict[str, str] = {}
-        self._last_cancel_retry = 0.0
+        self._cancel_retried: dict[str, float] = {}  # symbol -> when (monotonic)
         self._child_parent: dict[str, str] = {}
         #: Risk's time of the newest KILLSWITCH_TRIGGERED seen: approvals made before it are
         #: not placed.
@@ -510,21 +510,30 @@ class ExecutionService:
                 )
 
     async def _retry_cancels(self, symbol: str, now_ns: int) -> None:
-        """Send again the cancels the venue did not take (at most once a second)."""
+        """Send again the cancels of `symbol`'s children the venue did not take (at most
+        once a second per symbol). Once taken, the venue's fills are asked at once, so the
+        order is reported cancelled with every fill made until the cancel took."""
         now = time.monotonic()
-        if not self._cancelling or now - self._last_cancel_retry < CANCEL_RETRY_S:
+        if not self._cancelling or now - self._cancel_retried.get(symbol, 0.0) < CANCEL_RETRY_S:
             return
-        self._last_cancel_retry = now
+        self._cancel_retried[symbol] = now
         for order_id in list(self._cancelling):
             parent = self.parents.get(order_id)
             if parent is None or parent.symbol != symbol:
                 continue
-            for client_id in list(parent.uncancelled):
-                try:
+            taken: list[str] = []
+            try:
+                for client_id in list(parent.uncancelled):
                     await self.breaker.call(self.exchange.cancel, client_id, now_ns)
-                except (TransientError, CircuitBreakerOpenError) as exc:
-                    self._count_api_error(exc)
-                    return  # the venue still does not take it: next time
+                    taken.append(client_id)
+                fills = await self.breaker.call(self.exchange.poll_fills, now_ns) if taken else []
+            except (TransientError, CircuitBreakerOpenError) as exc:
+                self._count_api_error(exc)
+                return  # the venue still does not answer: next time (a taken cancel is
+                # refused then, harmlessly)
+            for fill in fills:
+                await self._on_exchange_fill(fill)
+            for client_id in taken:
                 parent.uncancelled.pop(client_id, None)
             await self._settle_cancel(parent)
 

@@ -190,10 +190,10 @@ class RiskGovernor:
             raise ValueError("starting equity must be > 0")
         self.limits = limits
         self.kelly = kelly or KellyParams()
-        #: Equity of the last PNL_UPDATE (or STARTING_EQUITY), the marks it was valued at,
-        #: and its time (None: none yet). Between two updates risk values its own positions
-        #: at its own marks from there (`equity`), so the daily drawdown keeps moving with the
-        #: market when portfolio is slow, stalled or down.
+        #: Equity of the last PNL_UPDATE (or STARTING_EQUITY) and the marks it was valued
+        #: at. Between two updates risk values its own positions at its own marks from there
+        #: (`equity`), so the daily drawdown keeps moving with the market when portfolio is
+        #: slow, stalled or down.
         self._base_equity = starting_equity
         self._base_marks: dict[str, Decimal] = {}
         self._equity = starting_equity
