@@ -21,6 +21,7 @@ from hean.core.bus import EventBus
 from hean.core.event_streams import RedisEventStream, stream_key
 from hean.core.settings import CoreSettings
 from hean.core.types import Event, EventType
+from tests.helpers import stop_processes
 
 D = Decimal
 
@@ -44,15 +45,7 @@ class Services:
         proc.wait(timeout=10)
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
 
     def log(self, name: str, instance: str = "1") -> str:
         return (self.logs / f"{name}-{instance}.log").read_text(errors="replace")

@@ -24,7 +24,7 @@ import redis
 from hean.core.event_streams import stream_key
 from hean.core.lease import holder_consumer, lease_key
 from hean.core.types import EventType
-from tests.helpers import eventually
+from tests.helpers import eventually, stop_processes
 
 KEY = lease_key("risk")
 
@@ -53,15 +53,7 @@ class Instances:
         return proc.wait(timeout=30)
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values(), timeout=15)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from hean.core.event_streams import RedisEventStream, stream_key
 from hean.core.features import WARMUP_BARS
 from hean.core.types import Event, EventType
-from tests.helpers import eventually
+from tests.helpers import eventually, stop_processes
 
 BARS = 400
 SYMBOLS = ("BTC/USDT", "ETH/USDT")
@@ -54,15 +54,7 @@ class Procs:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
 
 
 @pytest.fixture
