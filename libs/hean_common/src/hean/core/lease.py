@@ -207,6 +207,7 @@ class ServiceLease:
             said_unreachable = False
             if holder != self.value:
                 self._held = False
+                self.status = f"lost the lease to {holder_consumer(holder)}: stopping"
                 lost(holder_consumer(holder))
                 return
 
