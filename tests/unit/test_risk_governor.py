@@ -549,3 +549,13 @@ def test_unreported_seconds_count_market_moves_after_the_last_pnl_update():
     assert gov.unreported_s() == 61
     gov.on_pnl({"equity": "10001"}, T0 + 61 * 10**9)
     assert gov.unreported_s() == 0
+
+
+async def test_a_limit_order_on_a_symbol_without_a_mark_counts_in_other_orders_exposure():
+    # SOL has no mark yet: its buy limit is checked at its price (100 x 50 = 5,000), and
+    # that is what it adds to another symbol's total exposure check, not 0.
+    gov = governor(max_total_exposure=D(10000))
+    sol = await gov.decide(request("sol", "BUY", "100", sym="SOL/USDT", type="limit", price="50"))
+    assert sol.approved, sol.reasons
+    btc = await gov.decide(request("btc", "BUY", "60"))  # 6,000 at the mark 100
+    assert not btc.approved and "total exposure would reach 11000.00" in btc.reasons[0]

@@ -132,6 +132,7 @@ RiskCheckFn = Callable[[OrderRequestData, RiskView], str | None]
 class _Reservation:
     symbol: str
     signed_qty: Decimal  # what is still unfilled, signed
+    price: Decimal | None = None  # what it was checked at (the symbol may have no mark yet)
 
 
 _ballot: contextvars.ContextVar[list[tuple[bool, str]] | None] = contextvars.ContextVar(
@@ -467,7 +468,7 @@ class RiskGovernor:
             reasons.append(f"kill switch active: {self.kill_switch.reason}")
         if order.reduce_only and not reducing:
             reasons.append("reduce-only order would increase or flip the position")
-        price = valuation_price(order.type, side, order.price, self.marks.get(symbol))
+        price = self._order_price(order)
         if not reducing:
             self.roll_day(timestamp_ns)
             if self.drawdown >= self.limits.daily_drawdown_limit:
@@ -502,7 +503,7 @@ class RiskGovernor:
             )
         others = sum(
             (
-                self.worst_case_notional(s, self.marks.get(s, ZERO))
+                self.worst_case_notional(s, self._price_of(s))
                 for s in self._symbols()
                 if s != symbol
             ),
@@ -521,6 +522,24 @@ class RiskGovernor:
                 f"MAX_LEVERAGE {lim.max_leverage}"
             )
         return reasons
+
+    def _order_price(self, order: OrderRequestData) -> Decimal | None:
+        return valuation_price(order.type, order.side, order.price, self.marks.get(order.symbol))
+
+    def _price_of(self, symbol: str) -> Decimal:
+        """The mark of `symbol`, else the highest price its pending orders were checked at
+        (a limit order placed before the symbol's first tick): never 0 for an exposure."""
+        mark = self.marks.get(symbol)
+        if mark is not None:
+            return mark
+        prices = [r.price for r in self._reserved.values() if r.symbol == symbol and r.price]
+        return max(prices, default=ZERO)
+
+    def _reserve(self, order: OrderRequestData) -> None:
+        signed = order.size if order.side is Side.BUY else -order.size
+        self._reserved[order.order_id] = _Reservation(
+            order.symbol, signed, self._order_price(order)
+        )
 
     def _symbols(self) -> set[str]:
         return set(self.positions) | {r.symbol for r in self._reserved.values()}
@@ -556,8 +575,7 @@ class RiskGovernor:
             # Reserved before the votes are awaited: an order decided meanwhile (another
             # symbol, on another worker) counts this one in its limits.
             reducing = self.is_reducing(order.symbol, order.side, order.size)
-            signed = order.size if order.side is Side.BUY else -order.size
-            self._reserved[order.order_id] = _Reservation(order.symbol, signed)
+            self._reserve(order)
             reasons = await self._vote(request)
             if self.kill_switch.active and not reducing:  # it tripped during the votes
                 reasons.append(f"kill switch active: {self.kill_switch.reason}")
@@ -571,8 +589,7 @@ class RiskGovernor:
             return cached
         self._remember(decision)
         if decision.approved:
-            signed = order.size if order.side is Side.BUY else -order.size
-            self._reserved[order.order_id] = _Reservation(order.symbol, signed)
+            self._reserve(order)
         return decision
 
     async def _vote(self, request: Event) -> list[str]:
