@@ -75,9 +75,11 @@ async def serve(
     `freeze_gc`: once started, move everything allocated so far out of the garbage
     collector's generations (`gc.freeze`); for a service's own process (`run_service`).
 
-    `exclusive`: this service runs as a single consumer of its group (its state is in the
-    process), so at start it takes over everything a dead predecessor left pending before
-    reading new events. Only stateless, scalable services (ml-service) pass False.
+    `exclusive`: this service runs as a single instance (its state is in the process): it
+    holds the service lease while it runs (`hean.core.lease`; a second instance waits as a
+    standby, its /health saying so), and at start it takes over everything a dead
+    predecessor left pending before reading new events. Only services that may run several
+    times pass False: ml-service (stateless, scaled out) and the gateway (consumes nothing).
     """
     metrics = Metrics()
     bus = EventBus.redis(settings, metrics=metrics, exclusive=exclusive)
