@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from hean.core.bus import EventBus
-from hean.core.event_streams import RedisEventStream, stream_key
+from hean.core.event_streams import DLQ_STREAM, RedisEventStream, dead_letter_fields, stream_key
 from hean.core.resp import RespConnection
 from hean.core.service import ServiceContext, serve
 from hean.core.settings import CoreSettings
@@ -812,6 +812,75 @@ async def test_risk_restart_does_not_decide_again_what_it_decided_before(redis_u
     approvals = [e.data["order_id"] for e in await events(redis_url, EventType.ORDER_APPROVED)]
     assert approvals == ["o-1"]
     assert svc.governor.worst_case_notional("BTC/USDT", D(100)) == D(100)  # the fill only
+    await bus.stop()
+    await svc.stop()
+
+
+def _approval(order_id: str, size: str, source: str = "risk:before") -> Event:
+    data = {"order_id": order_id, "symbol": "BTC/USDT", "side": "BUY", "size": size}
+    return Event(event_type=EventType.ORDER_APPROVED, source=source, data=data)
+
+
+def _order_fill(order_id: str, qty: str, remaining: str) -> Event:
+    data = {"order_id": order_id, "fill_id": f"{order_id}-{remaining}", "symbol": "BTC/USDT"}
+    data |= {"side": "BUY", "filled_qty": qty, "fill_price": "100", "remaining_qty": remaining}
+    return Event(event_type=EventType.ORDER_FILLED, data=data)
+
+
+async def test_restarted_risk_reserves_again_what_execution_is_still_working(
+    redis_url, redis_client
+):
+    """Risk alone restarts while execution works an order: the order's unfilled part must
+    count again in the limits, or new orders plus its fills pass MAX_POSITION_SIZE (5,000
+    USDT: 50 BTC at 100). Closed orders (filled, cancelled, rejected by execution,
+    dead-lettered by execution) and approvals not published by risk reserve nothing."""
+    bus, svc = await start_risk(redis_url, redis_client)  # makes risk's groups
+    await bus.stop()
+    await svc.stop()
+    closing = [
+        Event(event_type=EventType.ORDER_CANCELLED, data={"order_id": "cancelled"}),
+        Event(
+            event_type=EventType.ORDER_REJECTED,
+            data={"order_id": "refused", "reason": "unknown symbol", "rejected_by": "execution"},
+        ),
+    ]
+    await publish(
+        redis_url,
+        tick("100"),
+        *(_approval(o, "20") for o in ("working", "cancelled", "refused", "filled", "dead")),
+        _approval("foreign", "20", source="custom-risk:host:1"),
+        _order_fill("working", "10", "10"),  # half of it filled
+        _order_fill("filled", "5", "0"),  # filled 5 of 20 (rounded down): finished
+        *closing,
+    )
+    approvals = await events(redis_url, EventType.ORDER_APPROVED)
+    dead = next(e for e in approvals if e.data["order_id"] == "dead")
+    letter = dead_letter_fields(
+        stream=stream_key(EventType.ORDER_APPROVED),
+        entry_id="1-0",
+        group="execution",
+        consumer="execution:1",
+        deliveries=5,
+        error="exchange unavailable",
+        payload=dead.to_json(),
+        dead_at_ns=time.time_ns(),
+    )
+    await redis_client.xadd(DLQ_STREAM, letter)
+    bus, svc = await start_risk(redis_url, redis_client)
+    gov = svc.governor
+    assert gov.reserved_orders == 1  # "working", its 10 unfilled
+    assert gov.positions["BTC/USDT"] == D(15)
+    assert gov.worst_case_notional("BTC/USDT", D(100)) == D(2500)
+    # 25 more would be 50 BTC if "working" fills: at the limit; 26 is over it.
+    request = {"order_id": "new", "symbol": "BTC/USDT", "side": "BUY", "size": "26"}
+    await publish(redis_url, Event(event_type=EventType.ORDER_REQUEST, data=request))
+    rejected = await eventually(lambda: _events_if_any(redis_url, EventType.ORDER_REJECTED))
+    assert [r.data["order_id"] for r in rejected if r.data.get("rejected_by") == "risk"] == ["new"]
+    assert "MAX_POSITION_SIZE" in rejected[-1].data["reason"]
+    # The rest of "working" fills: nothing is reserved any more.
+    await publish(redis_url, _order_fill("working", "10", "0"))
+    await eventually(lambda: _true(gov.reserved_orders == 0))
+    assert gov.worst_case_notional("BTC/USDT", D(100)) == D(2500)
     await bus.stop()
     await svc.stop()
 

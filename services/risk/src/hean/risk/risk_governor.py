@@ -322,6 +322,22 @@ class RiskGovernor:
                 res.signed_qty = left
         return True
 
+    def restore_reservation(self, order: OrderRequestData, filled: Decimal = ZERO) -> bool:
+        """Reserve again an order approved before a restart that is still working, less
+        `filled` (signed: what its fills so far bought, negative for sold). False if
+        nothing of it is left to fill."""
+        signed = order.size if order.side is Side.BUY else -order.size
+        left = signed - filled
+        if left == 0 or (left > 0) != (signed > 0):
+            return False
+        self._reserved[order.order_id] = _Reservation(order.symbol, left, self._order_price(order))
+        return True
+
+    @property
+    def reserved_orders(self) -> int:
+        """How many approved orders are still reserved (not filled, cancelled or rejected)."""
+        return len(self._reserved)
+
     def on_order_closed(self, order_id: str) -> None:
         """An order was cancelled or rejected downstream: release what it reserved."""
         self._reserved.pop(order_id, None)

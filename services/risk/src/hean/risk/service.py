@@ -12,8 +12,10 @@ Durable state in Redis (keys `hean:risk:*`):
   the consumer group `risk`, acked after the command is applied.
 
 At start the governor is rebuilt from Redis: kill switch and day from the hashes above,
-positions by replaying the ORDER_FILLED stream (deduplicated by fill id), equity, marks and
-trade statistics from the last PNL_UPDATE.
+positions by replaying the ORDER_FILLED stream (deduplicated by fill id), the reservations
+of the orders execution is still working from risk's ORDER_APPROVED less the closed ones
+(`RiskService._restore_reservations`), equity, marks and trade statistics from the last
+PNL_UPDATE.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from collections import OrderedDict
 from decimal import Decimal
 from typing import Annotated, Any, cast
 
+import orjson
 import redis.asyncio as aioredis
-from pydantic import Field
+from pydantic import Field, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -45,7 +48,8 @@ from hean.core.event_streams import (
 from hean.core.metrics import Metrics
 from hean.core.service import ServiceContext
 from hean.core.settings import CoreSettings, RiskSettings
-from hean.core.types import Event, EventType, InvalidEventError, Side
+from hean.core.topology import APPROVER
+from hean.core.types import Event, EventType, InvalidEventError, OrderRequestData, Side
 from hean.risk.kelly import KellyParams
 from hean.risk.risk_governor import (
     NS_PER_DAY,
@@ -56,6 +60,9 @@ from hean.risk.risk_governor import (
 )
 
 log = logging.getLogger(__name__)
+
+ZERO = Decimal(0)
+DLQ_PAGE = 1000
 
 KILLSWITCH_KEY = "hean:risk:killswitch"
 DAY_KEY = "hean:risk:day"
@@ -220,8 +227,13 @@ class RiskService:
         group = self.consumer.split(":", 1)[0]
         await ensure_group(self.redis, stream_key(EventType.ORDER_FILLED), group, start_id="0")
         fills = 0
+        filled: dict[str, Decimal] = {}  # order id -> signed quantity filled, while unfinished
+        finished: set[str] = set()
         async for event in stream.replay_events(EventType.ORDER_FILLED):
-            fills += self._apply_fill(event)
+            if self._apply_fill(event):
+                fills += 1
+                _note_fill(event.data, filled, finished)
+        working = await self._restore_reservations(stream, filled, finished)
         pnl = await self._pnl_update()
         if pnl is not None:
             pnl_day = pnl.timestamp // NS_PER_DAY
@@ -239,12 +251,43 @@ class RiskService:
         await self._hold_kill_switch()
         decided = await self._recall_decisions(group)
         log.info(
-            "risk restored: %d fills, equity %s, kill switch %s, %d recent decisions",
+            "risk restored: %d fills, equity %s, kill switch %s, %d recent decisions, "
+            "%d working orders reserved",
             fills,
             gov.equity,
             "ACTIVE" if gov.kill_switch.active else "off",
             decided,
+            working,
         )
+
+    async def _restore_reservations(
+        self, stream: RedisEventStream, filled: dict[str, Decimal], finished: set[str]
+    ) -> int:
+        """Reserve again the orders a previous run approved that are still working: risk's
+        ORDER_APPROVED, less the orders closed since (a fill leaving nothing to fill, an
+        ORDER_CANCELLED, execution's ORDER_REJECTED) and those execution dead-lettered
+        (not being worked), each less what it has filled. Without this a restarted risk
+        would size new orders as if execution's working orders were not there, and their
+        fills could take a position past MAX_POSITION_SIZE or MAX_TOTAL_EXPOSURE."""
+        closed = set(finished)
+        async for event in stream.replay_events(EventType.ORDER_CANCELLED):
+            closed.add(str(event.data["order_id"]))
+        async for event in stream.replay_events(EventType.ORDER_REJECTED):
+            if event.data.get("rejected_by") != "risk":  # execution's: never placed
+                closed.add(str(event.data["order_id"]))
+        closed |= await _dead_lettered_approvals(stream)
+        restored = 0
+        async for event in stream.replay_events(EventType.ORDER_APPROVED):
+            order_id = str(event.data["order_id"])
+            if event.source_service != APPROVER or order_id in closed:
+                continue  # not risk's (execution refuses it) or not working any more
+            try:
+                order = OrderRequestData.model_validate(dict(event.data))
+            except ValidationError as exc:
+                log.warning("restore: approval %s is not an order: %s", order_id, exc)
+                continue
+            restored += self.governor.restore_reservation(order, filled.get(order_id, ZERO))
+        return restored
 
     async def _recall_decisions(self, group: str) -> int:
         """Remember the orders a previous run decided whose SIGNAL or ORDER_REQUEST this
@@ -613,3 +656,39 @@ def build(ctx: ServiceContext) -> None:
         command_block_ms=settings.risk_command_block_ms,
     )
     ctx.orchestrator.register_component(name="risk_governor", component=service)
+
+
+def _note_fill(data: Any, filled: dict[str, Decimal], finished: set[str]) -> None:
+    """Count a replayed fill towards its order: `filled` while the order has more to fill,
+    `finished` once a fill leaves it nothing (remaining_qty 0)."""
+    order_id = str(data["order_id"])
+    remaining = data.get("remaining_qty")
+    if remaining is not None and Decimal(remaining) == 0:
+        finished.add(order_id)
+        filled.pop(order_id, None)
+        return
+    qty = Decimal(data["filled_qty"])
+    signed = qty if Side(data["side"]) is Side.BUY else -qty
+    filled[order_id] = filled.get(order_id, ZERO) + signed
+
+
+async def _dead_lettered_approvals(stream: RedisEventStream) -> set[str]:
+    """Order ids of the ORDER_APPROVED entries in the dead-letter stream (execution gave
+    up on them: they are not being worked unless retried from there)."""
+    approved = stream_key(EventType.ORDER_APPROVED)
+    found: set[str] = set()
+    start = "-"
+    while True:
+        letters = await stream.dead_letters(count=DLQ_PAGE, start_id=start)
+        for letter in letters:
+            if letter.stream != approved:
+                continue
+            try:
+                data = orjson.loads(letter.payload).get("data") or {}
+            except (orjson.JSONDecodeError, AttributeError):
+                continue  # not an event at all: nothing was approved by it
+            if isinstance(data, dict) and data.get("order_id"):
+                found.add(str(data["order_id"]))
+        if len(letters) < DLQ_PAGE:
+            return found
+        start = f"({letters[-1].dlq_id}"
