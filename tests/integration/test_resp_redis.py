@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -142,6 +144,33 @@ async def test_an_abandoned_reply_closes_the_connection_so_no_caller_gets_anothe
     # Had the connection been kept, this GET would be handed the read's late reply.
     await redis_client.set("k", "v")
     assert await conn.command("GET", "k") == b"v"
+
+
+async def test_a_hung_redis_times_the_reply_out_closes_the_connection_and_is_picked_up_again(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """`execute(..., timeout=)` (the bus's reads and writes): a Redis that stops answering
+    (frozen, not gone) raises TimeoutError at the deadline and drops the connection, so a
+    reply arriving later is never handed to the next caller; once Redis answers again the
+    next command reconnects."""
+    server = redis_factory()
+    assert server.process is not None
+    conn = RespConnection(server.url, connect_timeout=1.0)
+    try:
+        assert await conn.execute([("SET", "k", "before")], timeout=5) == [b"OK"]
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError, match=r"no reply from Redis in 0\.3 s"):
+                # (the outer deadline only keeps a broken timeout from hanging the suite)
+                await asyncio.wait_for(conn.execute([("SET", "k", "during")], timeout=0.3), 30)
+            assert not conn.connected
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        # The frozen Redis ran the SET once it woke; its reply went nowhere.
+        assert await conn.command("GET", "k") in (b"before", b"during")
+        assert conn.connected
+    finally:
+        await conn.aclose()
 
 
 async def test_redis_down_is_a_connection_error_and_a_restart_is_picked_up(

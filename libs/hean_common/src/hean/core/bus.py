@@ -460,13 +460,40 @@ class Transport(ABC):
     def health(self) -> BusHealth: ...
 
 
+class _Lane:
+    """One worker's queue: an unbounded FIFO with one waiting getter. `asyncio.Queue`
+    does the same, but looks the running loop up for every `get` that waits, which on
+    CPython 3.11 is a getpid() system call, once per event on a service's hot path."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Delivery | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Delivery | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, loop: asyncio.AbstractEventLoop) -> Delivery | None:
+        while not self._items:
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 class _Workers:
     """`count` ordered queues; a delivery goes to the queue its partition key hashes to."""
 
     def __init__(
         self, count: int, handle: Callable[[Delivery], Awaitable[None]], name: str
     ) -> None:
-        self.queues: list[asyncio.Queue[Delivery | None]] = [asyncio.Queue() for _ in range(count)]
+        self.queues: list[_Lane] = [_Lane() for _ in range(count)]
         self._handle = handle
         self._tasks: list[asyncio.Task[None]] = []
         self._name = name
@@ -487,9 +514,10 @@ class _Workers:
         self.idle.clear()
         self.queues[index].put_nowait(delivery)
 
-    async def _run(self, queue: asyncio.Queue[Delivery | None]) -> None:
+    async def _run(self, queue: _Lane) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            delivery = await queue.get()
+            delivery = await queue.get(loop)
             if delivery is None:
                 return
             try:
@@ -857,6 +885,7 @@ class RedisStreamsTransport(Transport):
         #: The hot paths' connections (hean.core.resp, not redis-py: about 1 ms less per
         #: hop): the outbox's and the acks' pipelines, each under one `WRITE_TIMEOUT_S`,
         #: and the two read loops' (a blocking read holds its connection).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox_conn: RespConnection | None = None
         self._ack_conn: RespConnection | None = None
         self._reader: RespConnection | None = None
@@ -946,6 +975,14 @@ class RedisStreamsTransport(Transport):
     def max_in_flight(self) -> int:
         return max(self.config.batch_size * self.config.worker_count * 4, 64)
 
+    def bind(self, dispatcher: Dispatcher, metrics: Metrics | None, source: str) -> None:
+        super().bind(dispatcher, metrics, source)
+        if metrics is not None:
+            # Read when scraped: set on every change they cost a lock and a float each,
+            # several times per event.
+            metrics.outbox_size.set_function(lambda: len(self._outbox))
+            metrics.queue_size.set_function(lambda: len(self._outbox) + len(self._in_flight))
+
     async def start(self) -> None:
         if self._running:
             return
@@ -959,6 +996,7 @@ class RedisStreamsTransport(Transport):
                 client_name=self._client_name,
             )
         )
+        self._loop = asyncio.get_running_loop()  # a getpid() per call on CPython 3.11
         self._outbox_conn = RespConnection(self.config.url, name=self._client_name)
         self._ack_conn = RespConnection(self.config.url, name=self._client_name)
         self._reader = RespConnection(self.config.url, name=self._client_name)
@@ -1110,7 +1148,7 @@ class RedisStreamsTransport(Transport):
         delivery = _current_delivery.get()
         future: asyncio.Future[str] | None = None
         if delivery is not None or written:
-            future = asyncio.get_running_loop().create_future()
+            future = (self._loop or asyncio.get_running_loop()).create_future()
             if delivery is not None:
                 delivery.outputs.append(future)
         event_type = event.event_type
@@ -1134,8 +1172,6 @@ class RedisStreamsTransport(Transport):
         self._published_seq += 1
         if not self._outbox_wakeup.is_set():
             self._outbox_wakeup.set()
-        if self.metrics is not None:
-            self._report_sizes()
         return future
 
     def _outbox_commands(self, batch: list[_Outgoing], acks: _AckBatch) -> list[tuple[Any, ...]]:
@@ -1223,10 +1259,13 @@ class RedisStreamsTransport(Transport):
             assert self._writing is not None
             batch, acks, commands, pending = self._writing
             try:
-                async with asyncio.timeout(WRITE_TIMEOUT_S):
-                    raw = await pending.wait(raise_on_error=False)
+                raw = await pending.wait(raise_on_error=False, timeout=WRITE_TIMEOUT_S)
+                if _malformed_in(raw):
                     assert self._outbox_conn is not None
-                    replies = iter(await _confined_replies(self._outbox_conn, commands, raw))
+                    async with asyncio.timeout(WRITE_TIMEOUT_S):
+                        replies = iter(await _confined_replies(self._outbox_conn, commands, raw))
+                else:
+                    replies = iter(_transaction_replies(raw))
             except _REDIS_DOWN as exc:
                 self._writing = None
                 self._set_connected(False, exc)
@@ -1286,7 +1325,6 @@ class RedisStreamsTransport(Transport):
             if self.metrics is not None:
                 for etype, count in published.items():
                     self.metrics.events_published.labels(etype).inc(count)
-                self._report_sizes()
             if refused is None:
                 self._refusal_over()
                 refusals.reset()
@@ -1389,8 +1427,10 @@ class RedisStreamsTransport(Transport):
                 commands = [read]
                 if catch_up:
                     commands.append(self._conflated_read(list(conflated)))
-                async with asyncio.timeout(read_timeout):  # a hung Redis, not an idle one
-                    replies = await self._reader.execute(commands, raise_on_error=False)
+                # The timeout is for a hung Redis, not an idle one.
+                replies = await self._reader.execute(
+                    commands, raise_on_error=False, timeout=read_timeout
+                )
                 if isinstance(replies[0], Exception):
                     raise replies[0]
                 response: Any = xread_reply(replies[0])
@@ -1603,7 +1643,6 @@ class RedisStreamsTransport(Transport):
                 max_deliveries=self.config.max_deliveries,
             )
         )
-        self._report_sizes()
 
     async def _handle(self, delivery: Delivery) -> None:
         failures = await self._run_waiting_out_refusals(delivery)
@@ -1694,7 +1733,6 @@ class RedisStreamsTransport(Transport):
         self._in_flight.discard((delivery.stream, delivery.entry_id))
         if len(self._in_flight) < self.max_in_flight:
             self._capacity.set()
-        self._report_sizes()
 
     def _release_writes(self, key: str) -> None:
         """Queue the acks of `key`'s finished deliveries that no earlier writer holds back:
@@ -2253,11 +2291,6 @@ class RedisStreamsTransport(Transport):
                 log.info("removed idle consumer %s from %s", name, stream)
 
     # --- introspection -------------------------------------------------------------------------
-
-    def _report_sizes(self) -> None:
-        if self.metrics is not None:
-            self.metrics.outbox_size.set(len(self._outbox))
-            self.metrics.queue_size.set(len(self._outbox) + len(self._in_flight))
 
     def health(self) -> BusHealth:
         outbox = len(self._outbox)

@@ -86,7 +86,10 @@ class _Protocol(asyncio.Protocol):
         )
         self.waiting: deque[_Batch] = deque()
         self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: on CPython 3.11 every get_running_loop() is a getpid() system call, and a
+        # reply future is made per write.
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
         self.lost: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -203,7 +206,7 @@ class RespConnection:
             raise protocol.lost
         assert protocol.transport is not None
         payload = b"".join(pack(command) for command in commands)  # may raise DataError
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Any]] = protocol.loop.create_future()
         protocol.waiting.append(_Batch(len(commands), future))
         protocol.transport.write(payload)
         return PendingReplies(protocol, future)
@@ -222,16 +225,22 @@ class RespConnection:
         return self._write(protocol, commands)
 
     async def execute(
-        self, commands: Sequence[Sequence[Any]], *, raise_on_error: bool = True
+        self,
+        commands: Sequence[Sequence[Any]],
+        *,
+        raise_on_error: bool = True,
+        timeout: float | None = None,
     ) -> list[Any]:
         """Send `commands` in one write; their replies in order (errors in place unless
-        `raise_on_error`, then the first one is raised)."""
+        `raise_on_error`, then the first one is raised). `timeout`: see
+        `PendingReplies.wait`."""
         if not commands:
             return []
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
-        return await self._write(protocol, commands).wait(raise_on_error=raise_on_error)
+        pending = self._write(protocol, commands)
+        return await pending.wait(raise_on_error=raise_on_error, timeout=timeout)
 
     async def command(self, *args: Any) -> Any:
         return (await self.execute([args]))[0]
@@ -295,19 +304,33 @@ class PendingReplies:
         self._protocol = protocol
         self._future = future
 
-    async def wait(self, *, raise_on_error: bool = True) -> list[Any]:
+    async def wait(self, *, raise_on_error: bool = True, timeout: float | None = None) -> list[Any]:
         """The replies (errors in place unless `raise_on_error`, then the first is raised;
         `LOADING` is raised either way, see the module docstring). Giving up on them (a
         timeout, a cancellation) closes the connection: the replies still coming would be
-        handed to the wrong callers."""
+        handed to the wrong callers. `timeout` (seconds): no replies by then raise
+        `TimeoutError`, as `asyncio.timeout` would, at the cost of one timer (this is on
+        every event's path: `asyncio.timeout` costs several times that)."""
+        timer = None
+        if timeout is not None and not self._future.done():
+            timer = self._protocol.loop.call_later(timeout, self._expire, timeout)
         try:
             replies = await self._future
         except asyncio.CancelledError:
             self._protocol.fail(RedisConnectionError("a reply was abandoned; connection closed"))
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         for reply in replies:
             if isinstance(reply, BusyLoadingError) or (
                 raise_on_error and isinstance(reply, Exception)
             ):
                 raise reply
         return replies
+
+    def _expire(self, timeout: float) -> None:
+        if self._future.done():
+            return
+        self._future.set_exception(TimeoutError(f"no reply from Redis in {timeout:g} s"))
+        self._protocol.fail(RedisConnectionError("a reply was abandoned; connection closed"))

@@ -349,6 +349,10 @@ current_event: contextvars.ContextVar[Event | None] = contextvars.ContextVar(
 )
 
 
+#: Wire names to types: a decoded event's type looked up without the enum's slower call.
+_EVENT_TYPES: Final[Mapping[str, EventType]] = {t.value: t for t in EventType}
+
+
 def validate_data(event_type: EventType, data: Mapping[str, Any]) -> dict[str, Any]:
     """Validate `data` for `event_type`; return it normalised (Decimals, enums, defaults).
 
@@ -410,10 +414,14 @@ class Event(BaseModel):
 
     def __init__(self, **kwargs: Any) -> None:
         raw_type = kwargs.get("event_type")
-        try:
-            event_type = EventType(str(raw_type).upper())
-        except ValueError:
-            raise InvalidEventError(f"unknown event type {raw_type!r}") from None
+        event_type = raw_type if type(raw_type) is EventType else None
+        if event_type is None and type(raw_type) is str:  # a decoded event's (hashable)
+            event_type = _EVENT_TYPES.get(raw_type)
+        if event_type is None:
+            try:
+                event_type = EventType(str(raw_type).upper())
+            except ValueError:
+                raise InvalidEventError(f"unknown event type {raw_type!r}") from None
         data = kwargs.get("data")
         if data is None:
             data = {}
