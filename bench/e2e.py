@@ -18,6 +18,12 @@ measures:
 2. The floor: a bare redis-py chain of the same five hops (XADD -> XREADGROUP -> XADD to the
    next stream ... -> final XREADGROUP, each hop its own process, XADD and XACK in one
    MULTI), same Redis, same run, fed at the same tick rates.
+   Beside it, the same chain with each relay an `EventBus` whose handler only publishes
+   the next event (CANDLE -> FEATURES_READY -> ML_PREDICTION -> SIGNAL -> ORDER_APPROVED,
+   measured in the last hop's handler): decoding, validation, dispatch, stamping,
+   publish-once for the audited types and acks, and none of the services' work. Between
+   the floor, this and the services' figure, the gap splits into what the bus costs and
+   what the services' work (and the market data they take besides) costs.
 3. The highest tick rate sustained without backlog growth through market-data -> features
    -> ml-service -> strategy (all seven services running): short probes step the rate up
    until one fails, then the best probe rate is held for the full window (default 60 s);
@@ -39,8 +45,10 @@ Prints figures only; not a test. Every process it starts is stopped on exit (Ctr
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
+import gc
 import itertools
 import multiprocessing as mp
 import os
@@ -52,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
@@ -62,9 +70,14 @@ from typing import Any
 import orjson
 import redis
 
+from hean.core.bus import EventBus
 from hean.core.candles import bundled_data_path
 from hean.core.event_streams import stream_key
-from hean.core.types import EventType
+from hean.core.features import FEATURE_NAMES
+from hean.core.metrics import Metrics
+from hean.core.service import event_loop_factory
+from hean.core.settings import CoreSettings
+from hean.core.types import Event, EventType
 
 E = EventType
 BAR_NS = 60 * 1_000_000_000  # the bundled file's 1-minute bars
@@ -528,41 +541,65 @@ def _floor_relay(
     client.close()
 
 
-def run_floor(url: str, rate: float, seconds: float) -> list[float]:
+def run_floor(url: str, rate: float, seconds: float) -> tuple[list[float], float]:
+    """The bare chain's latencies, and its relays' CPU time per event (`_run_chain`)."""
+    streams = [f"bench:floor:{i}" for i in range(HOPS + 1)]
+    relays = [(url, streams[i], None if i == HOPS - 1 else streams[i + 1]) for i in range(HOPS)]
+    sample = {"symbol": "BTC/USDT", "open": "46216.0", "high": "46290.0", "low": "46200.0"}
+    sample |= {"close": "46250.0", "volume": "12.3", "timeframe": "1m"}
+
+    def entry(i: int) -> bytes:
+        ts = time.time_ns()
+        return orjson.dumps({"root_ns": ts, "timestamp": ts, "data": sample | {"timestamp": i}})
+
+    return _run_chain(url, rate, seconds, _floor_relay, relays, entry, streams[0], streams[-2])
+
+
+def _run_chain(
+    url: str,
+    rate: float,
+    seconds: float,
+    target: Callable[..., None],
+    relays: Sequence[tuple[Any, ...]],
+    entry: Callable[[int], bytes],
+    first: str,
+    last: str,
+) -> tuple[list[float], float]:
+    """Start a process `target(*relays[i], ready, stop, out)` per hop (`out`, for the
+    latencies, only for the last), feed `entry(i)` into stream `first` evenly at `rate`
+    for `seconds`, and wait until stream `last` (the last hop's input) holds them all.
+    Returns the last hop's latencies and the relays' CPU time per event (us, all of them
+    together, while fed)."""
     client = redis.Redis.from_url(url)
     client.flushall()
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     out = ctx.Queue()
-    streams = [f"bench:floor:{i}" for i in range(HOPS + 1)]
     procs = []
-    for i in range(HOPS):
+    for hop, args in enumerate(relays):
         ready = ctx.Event()
-        last = i == HOPS - 1
-        dst = None if last else streams[i + 1]
-        args = (url, streams[i], dst, ready, stop, out if last else None)
-        proc = ctx.Process(target=_floor_relay, args=args, daemon=True)
+        queue = out if hop == len(relays) - 1 else None
+        proc = ctx.Process(target=target, args=(*args, ready, stop, queue), daemon=True)
         proc.start()
         _mp_children.append(proc)
         procs.append(proc)
-        ready.wait(30)
+        if not ready.wait(60):
+            raise RuntimeError(f"relay {hop} of the chain did not start")
     n = int(rate * seconds)
     interval = 1.0 / rate
-    sample = {"symbol": "BTC/USDT", "open": "46216.0", "high": "46290.0", "low": "46200.0"}
-    sample |= {"close": "46250.0", "volume": "12.3", "timeframe": "1m"}
+    cpu0 = sum(cpu_seconds(p.pid) for p in procs if p.pid is not None)
     try:
         start = time.perf_counter()
         for i in range(n):
             delay = start + i * interval - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            ts = time.time_ns()
-            body = {"root_ns": ts, "timestamp": ts, "data": sample | {"timestamp": i}}
-            client.xadd(streams[0], {"event": orjson.dumps(body)})
+            client.xadd(first, {"event": entry(i)})
         deadline = time.monotonic() + 30
-        while client.xlen(streams[-2]) < n and time.monotonic() < deadline:
+        while client.xlen(last) < n and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)
+        cpu_us = (sum(cpu_seconds(p.pid) for p in procs if p.pid is not None) - cpu0) / n * 1e6
         stop.set()
         latencies: list[float] = out.get(timeout=30)
     finally:
@@ -574,7 +611,82 @@ def run_floor(url: str, rate: float, seconds: float) -> list[float]:
                 proc.join()
             _mp_children.remove(proc)
         client.close()
-    return latencies
+    return latencies, cpu_us
+
+
+# --- 2b. the same chain through the bus -----------------------------------------------
+
+#: What each hop of the bus chain reads and what it publishes (None: the last hop, which
+#: measures): the event types of the services' chain, so the audited ones (SIGNAL,
+#: ORDER_APPROVED) go through the bus's publish-once script as they do there.
+BUS_CHAIN: tuple[tuple[EventType, EventType | None], ...] = (
+    (E.CANDLE, E.FEATURES_READY),
+    (E.FEATURES_READY, E.ML_PREDICTION),
+    (E.ML_PREDICTION, E.SIGNAL),
+    (E.SIGNAL, E.ORDER_APPROVED),
+    (E.ORDER_APPROVED, None),
+)
+
+
+def _bus_payload(event_type: EventType, root_ns: int) -> dict[str, Any]:
+    """A valid data payload of `event_type`, the size of the services' own, with the root."""
+    base: dict[str, Any] = {"symbol": "BTC/USDT", "root_ns": root_ns}
+    if event_type is E.FEATURES_READY:
+        return base | {"features": dict.fromkeys(FEATURE_NAMES, 0.123456)}
+    if event_type is E.ML_PREDICTION:
+        return base | {"prediction": 0.61, "confidence": 0.22, "model_version": "bench"}
+    if event_type is E.SIGNAL:
+        return base | {"side": "BUY", "signal_strength": 0.22}
+    order = {"order_id": f"bench-{root_ns}", "side": "BUY", "size": "0.01", "type": "market"}
+    return base | order
+
+
+def _bus_relay(url: str, hop: int, ready: MpEvent, stop: MpEvent, out: Any) -> None:
+    """One hop of the bus chain: an `EventBus` on Redis whose handler does nothing but
+    publish the next event (or, on the last hop, note the latency)."""
+    os.setsid()
+
+    reads, publishes = BUS_CHAIN[hop]
+    latencies: list[float] = []
+
+    async def main() -> None:
+        settings = CoreSettings(REDIS_URL=url, SERVICE_NAME=f"chain{hop}", INSTANCE_ID="bench")
+        bus = EventBus.redis(settings, metrics=Metrics())
+
+        async def relay(event: Event) -> None:
+            root = int(event.data.get("root_ns") or event.timestamp)
+            if publishes is None:
+                latencies.append((time.time_ns() - root) / 1e6)
+                return
+            await bus.publish(Event(event_type=publishes, data=_bus_payload(publishes, root)))
+
+        bus.subscribe(reads, relay, name=f"chain{hop}.relay")
+        await bus.start()
+        gc.collect()
+        gc.freeze()  # as a service does once started
+        ready.set()
+        await asyncio.to_thread(stop.wait)
+        await bus.stop()
+
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(main())
+    if out is not None:
+        out.put(latencies)
+
+
+def run_bus_chain(url: str, rate: float, seconds: float) -> tuple[list[float], float]:
+    """The floor's chain with each relay an `EventBus` (decode, validate, dispatch, publish
+    with validation and stamping, ack), fed CANDLEs as the floor is fed: what the bus costs
+    before the services do any work. Latencies and CPU per event as `_run_chain`'s."""
+    price = {"open": "46216.0", "high": "46290.0", "low": "46200.0", "close": "46250.0"}
+
+    def entry(i: int) -> bytes:
+        data = {"symbol": "BTC/USDT", "volume": "12.3", "timestamp": i} | price
+        return Event(event_type=E.CANDLE, data=data).to_json()
+
+    relays = [(url, hop) for hop in range(len(BUS_CHAIN))]
+    first, last = stream_key(BUS_CHAIN[0][0]), stream_key(BUS_CHAIN[-1][0])
+    return _run_chain(url, rate, seconds, _bus_relay, relays, entry, first, last)
 
 
 # --- 3. sustained rate ----------------------------------------------------------------
@@ -758,9 +870,13 @@ def latency_section(cfg: Config, rates: Sequence[float], seconds: float) -> None
     print(f"\n== 1. latency, {seconds:g} s at each rate (paced bars from 1 s after the start) ==")
     results = []
     floors = {}
+    chains = {}
+    chain_cpu = {}
+    floor_cpu = {}
     for rate in rates:  # each floor right after its service run: the machine is shared
         results.append(run_latency(cfg, rate, seconds))
-        floors[rate] = run_floor(cfg.url, rate, seconds)
+        floors[rate], floor_cpu[rate] = run_floor(cfg.url, rate, seconds)
+        chains[rate], chain_cpu[rate] = run_bus_chain(cfg.url, rate, seconds)
     head = f"{'ticks/s':>8} {'what':<32} {'n':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
     head += f" {'max ms':>8}"
     print(head)
@@ -770,6 +886,7 @@ def latency_section(cfg: Config, rates: Sequence[float], seconds: float) -> None
             ("last TICK -> ORDER_FILLED", r.tick_to_fill),
             ("CANDLE -> ORDER_FILLED", r.candle_to_fill),
             (f"floor: bare {HOPS}-hop redis-py chain", f),
+            (f"bus: {HOPS}-hop EventBus chain", chains[r.rate]),
         ]
         for what, v in rows:
             print(
@@ -779,6 +896,15 @@ def latency_section(cfg: Config, rates: Sequence[float], seconds: float) -> None
         ratio50 = pct(r.tick_to_fill, 0.5) / pct(f, 0.5)
         ratio99 = pct(r.tick_to_fill, 0.99) / pct(f, 0.99)
         print(f"{'':>8} tick->fill / floor: p50 x{ratio50:.1f}, p99 x{ratio99:.1f}")
+        c = chains[r.rate]
+        print(
+            f"{'':>8} bus chain / floor: p50 x{pct(c, 0.5) / pct(f, 0.5):.1f}, "
+            f"p99 x{pct(c, 0.99) / pct(f, 0.99):.1f} (what the bus costs before any work)"
+        )
+        print(
+            f"{'':>8} CPU per event, five relays together: floor {floor_cpu[r.rate]:.0f} us, "
+            f"bus chain {chain_cpu[r.rate]:.0f} us"
+        )
     for r in results:
         print(
             f"\n  {r.rate:,.0f} ticks/s: {r.candles} candles, {r.signals} signals and {r.fills} "
