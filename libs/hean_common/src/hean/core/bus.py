@@ -1078,6 +1078,7 @@ class RedisStreamsTransport(Transport):
             await self._client.aclose(close_connection_pool=True)
         self._reader = self._conflated_reader = self._outbox_conn = self._ack_conn = None
         self._client = None
+        self._loop = None  # started again, perhaps in another loop
 
     def _set_connected(self, connected: bool, error: BaseException | None = None) -> None:
         if connected and not self._connected:
