@@ -69,10 +69,12 @@ def governor() -> RiskGovernor:
     return RiskGovernor(limits, starting_equity=D(10000))
 
 
-async def start_risk(url: str, client: aioredis.Redis, instance: str = "1"):
+async def start_risk(
+    url: str, client: aioredis.Redis, instance: str = "1", gov: RiskGovernor | None = None
+):
     bus = bus_for(url, "risk", instance)
     svc = RiskService(
-        bus, governor(), redis=client, redis_url=url, consumer=f"risk:{instance}",
+        bus, gov or governor(), redis=client, redis_url=url, consumer=f"risk:{instance}",
         command_block_ms=50,
     )  # fmt: skip
     await svc.start()
@@ -424,6 +426,50 @@ async def test_order_path_risk_trading_day_and_its_start_equity_survive_a_restar
     assert (await redis_client.hget("hean:risk:day", "start_equity")) == b"12000"
     await bus.stop()
     await svc.stop()
+
+
+def _pnl(equity: str) -> Event:
+    data = {"total_pnl": "0", "realized_pnl": "0", "unrealized_pnl": "0", "equity": equity}
+    return Event(event_type=EventType.PNL_UPDATE, data=data)
+
+
+async def test_the_peak_equity_survives_a_restart_and_a_fall_below_it_trips_the_kill_switch(
+    redis_url, redis_client
+):
+    """MAX_DRAWDOWN_LIMIT is measured from the highest equity the account has had, across
+    days and restarts: a restarted risk must keep the peak, not start it again at the
+    equity it finds (or at STARTING_EQUITY)."""
+    limits = RiskLimits(
+        max_position_size=D(5000), max_leverage=D(3), daily_drawdown_limit=D("0.5"),
+        max_drawdown_limit=D("0.1"),
+    )  # fmt: skip
+    bus, svc = await start_risk(
+        redis_url, redis_client, "a", RiskGovernor(limits, starting_equity=D(10000))
+    )
+    await publish(redis_url, _pnl("12000"))
+    assert await eventually(lambda: _true(svc.governor.peak_equity == D(12000)))
+    assert await redis_client.hget("hean:risk:day", "peak_equity") == b"12000"
+    await bus.stop()
+    await svc.stop()
+
+    await publish(redis_url, _pnl("11500"))  # while risk is down: still above 10,800
+    bus, svc = await start_risk(
+        redis_url, redis_client, "b", RiskGovernor(limits, starting_equity=D(10000))
+    )
+    try:
+        gov = svc.governor
+        assert gov.peak_equity == D(12000) and gov.equity == D(11500)
+        assert not gov.kill_switch.active
+        await publish(redis_url, _pnl("10700"))  # 10.8% below the peak, 7% on the day
+        triggered = await eventually(
+            lambda: _events_if_any(redis_url, EventType.KILLSWITCH_TRIGGERED)
+        )
+        assert "drawdown from the peak equity 12000.00" in triggered[0].data["reason"]
+        assert "MAX_DRAWDOWN_LIMIT 10.00%" in triggered[0].data["reason"]
+        assert await redis_client.hget(KILLSWITCH_KEY, "active") == b"1"
+    finally:
+        await bus.stop()
+        await svc.stop()
 
 
 @pytest.mark.parametrize("earlier_day", [True, False])

@@ -264,6 +264,64 @@ async def test_decide_during_drawdown_breach_rejected():
     assert "daily drawdown" in decision.reason
 
 
+# --- drawdown from the peak (MAX_DRAWDOWN_LIMIT) -------------------------------------------
+
+
+def test_a_slow_loss_over_days_trips_the_peak_stop_that_the_daily_one_lets_through():
+    # 4% a day for five days: never 5% in one day, 18.5% from the peak of 10,500.
+    gov = governor(max_drawdown_limit=D("0.15"))
+    gov.on_pnl({"equity": "10500"}, T0)  # a new high: the peak follows it
+    assert gov.peak_equity == D(10500)
+    equity, state = D(10500), None
+    for day in range(1, 6):
+        gov.on_pnl({"equity": str(equity)}, T0 + day * NS_PER_DAY)  # the day starts
+        equity = (equity * D("0.96")).quantize(D("0.01"))
+        state = gov.on_pnl({"equity": str(equity)}, T0 + day * NS_PER_DAY + 1)
+        assert gov.drawdown < D("0.05")
+        if state is not None:
+            break
+    assert state is not None and state.active, "the peak stop did not trip"
+    assert day == 4  # 10,500 x 0.96^4 = 8,918.25: 15.06% below the peak
+    assert "drawdown from the peak equity 10500.00" in state.reason
+    assert "MAX_DRAWDOWN_LIMIT 15.00%" in state.reason
+    assert gov.peak_drawdown >= D("0.15")
+
+
+def test_the_peak_stop_is_off_by_default_and_the_peak_follows_marks_too():
+    gov = governor()
+    fill(gov, "o", "BUY", "10")
+    gov.on_pnl({"equity": "10000", "positions": {"BTC/USDT": {"mark_price": "100"}}}, T0)
+    gov.on_mark("BTC/USDT", D(200))  # +1,000 unrealised: a new peak between updates
+    assert gov.peak_equity == D(11000)
+    for day in range(1, 8):  # 4% a day, never the daily 5%
+        gov.on_pnl({"equity": str(11000 - 400 * day)}, T0 + day * NS_PER_DAY)
+    assert gov.peak_drawdown > D("0.25") and not gov.kill_switch.active
+
+
+async def test_orders_are_rejected_past_the_peak_limit_and_a_reset_restarts_the_peak():
+    gov = governor(max_drawdown_limit=D("0.1"), daily_drawdown_limit=D("0.5"))
+    gov.on_pnl({"equity": "12000"}, T0)
+    gov.equity = D(10700)  # 10.8% below the peak (within the day's 50%; no PNL_UPDATE yet)
+    decision = await gov.decide(request("a", "BUY", "1"))
+    assert not decision.approved
+    assert "drawdown from the peak equity 12000.00" in decision.reason
+    fill(gov, "long", "BUY", "5")
+    assert (await gov.decide(request("r", "SELL", "5"))).approved  # reducing still passes
+    gov.trigger_kill_switch("peak", T0 + 1)
+    assert gov.reset_kill_switch(T0 + 2)
+    assert gov.peak_equity == gov.equity == D(10700)
+    assert (await gov.decide(request("b", "BUY", "1"))).approved
+
+
+@pytest.mark.parametrize("limit", [D(0), D(1), D("-0.1"), D("1.5")])
+def test_max_drawdown_limit_outside_0_1_is_refused(limit):
+    with pytest.raises(ValueError, match="max drawdown limit"):
+        RiskLimits(
+            max_position_size=D(1), max_leverage=D(1), daily_drawdown_limit=D("0.05"),
+            max_drawdown_limit=limit,
+        )  # fmt: skip
+
+
 async def test_registered_sync_check_can_veto():
     gov = governor()
     gov.register_check("no_eth", lambda o, _view: "ETH banned" if "ETH" in o.symbol else None)

@@ -124,3 +124,19 @@ def test_risk_settings_bad_kelly_fraction_names_variable(monkeypatch):
     monkeypatch.setenv("KELLY_FRACTION", "1.5")
     with pytest.raises(SettingsError, match="KELLY_FRACTION"):
         load_settings(RiskServiceSettings)
+
+
+@pytest.mark.parametrize("value", ["1", "0", "1.5", "-0.1", "nan", "twenty"])
+def test_risk_settings_bad_max_drawdown_limit_names_variable(monkeypatch, value):
+    monkeypatch.setenv("MAX_DRAWDOWN_LIMIT", value)
+    with pytest.raises(SettingsError, match="MAX_DRAWDOWN_LIMIT"):
+        load_settings(RiskServiceSettings)
+
+
+def test_risk_settings_max_drawdown_limit_off_unless_set(monkeypatch):
+    monkeypatch.delenv("MAX_DRAWDOWN_LIMIT", raising=False)
+    assert load_settings(RiskServiceSettings).limits().max_drawdown_limit is None
+    monkeypatch.setenv("MAX_DRAWDOWN_LIMIT", "")  # `NAME=` as in .env.example: the default
+    assert load_settings(RiskServiceSettings).limits().max_drawdown_limit is None
+    monkeypatch.setenv("MAX_DRAWDOWN_LIMIT", "0.2")
+    assert load_settings(RiskServiceSettings).limits().max_drawdown_limit == Decimal("0.2")

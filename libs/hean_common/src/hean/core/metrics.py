@@ -82,6 +82,14 @@ class Metrics:
         self.daily_drawdown_limit = Gauge(
             "hean_daily_drawdown_limit", "Configured DAILY_DRAWDOWN_LIMIT", registry=r
         )
+        self.peak_drawdown_ratio = Gauge(
+            "hean_peak_drawdown_ratio",
+            "Drawdown from the highest equity the account has had, across days (0.2 = 20%)",
+            registry=r,
+        )
+        self.max_drawdown_limit = Gauge(
+            "hean_max_drawdown_limit", "Configured MAX_DRAWDOWN_LIMIT (0: off)", registry=r
+        )
         self.win_rate = Gauge("hean_win_rate", "Share of closed trades with profit", registry=r)
         self.sharpe_ratio = Gauge("hean_sharpe_ratio", "Sharpe ratio of closed trades", registry=r)
         self.trade_volume = Counter(

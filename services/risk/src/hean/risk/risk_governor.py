@@ -52,6 +52,8 @@ class RiskLimits:
     max_total_exposure: Decimal | None = None  # USDT gross; None: only leverage binds
     min_order_notional: Decimal = Decimal(5)
     size_step: Decimal = Decimal("0.000001")
+    #: 0.2 = 20% below the highest equity the account has had, across days; None: off.
+    max_drawdown_limit: Decimal | None = None
 
     def __post_init__(self) -> None:
         if self.max_position_size <= 0 or self.max_leverage <= 0:
@@ -62,6 +64,8 @@ class RiskLimits:
             raise ValueError("max total exposure must be > 0")
         if self.min_order_notional < 0 or self.size_step <= 0:
             raise ValueError("min order notional must be >= 0 and size step > 0")
+        if self.max_drawdown_limit is not None and not ZERO < self.max_drawdown_limit < ONE:
+            raise ValueError("max drawdown limit must be in (0, 1)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +209,9 @@ class RiskGovernor:
         self._moved_ns: int | None = None
         self.day: int | None = None
         self.day_start_equity = starting_equity
+        #: The highest equity seen (the high-water mark of `max_drawdown_limit`), across
+        #: days; it starts at STARTING_EQUITY and is persisted by the service.
+        self.peak_equity = starting_equity
         self.positions: dict[str, Decimal] = {}
         self.marks: dict[str, Decimal] = {}
         self.kill_switch = KillSwitchState()
@@ -247,6 +254,7 @@ class RiskGovernor:
         """The account's equity at the current marks (a PNL_UPDATE, a restore)."""
         self._base_equity = self._equity = value
         self._base_marks = dict(self.marks)
+        self.peak_equity = max(self.peak_equity, value)
 
     def on_mark(self, symbol: str, price: Decimal) -> KillSwitchState | None:
         """A new market price. Returns the new kill-switch state if the equity it gives
@@ -279,13 +287,24 @@ class RiskGovernor:
             ZERO,
         )
         self._equity = self._base_equity + moved
+        self.peak_equity = max(self.peak_equity, self._equity)
 
     def _check_drawdown(self, timestamp_ns: int) -> KillSwitchState | None:
+        breach = self.drawdown_breach()
+        return self.trigger_kill_switch(breach, timestamp_ns) if breach else None
+
+    def drawdown_breach(self) -> str | None:
+        """Why the equity is past a drawdown limit (daily, or from the peak), else None."""
         if self.drawdown >= self.limits.daily_drawdown_limit:
-            return self.trigger_kill_switch(
+            return (
                 f"daily drawdown {self.drawdown:.4%} reached the limit "
-                f"{self.limits.daily_drawdown_limit:.2%}",
-                timestamp_ns,
+                f"{self.limits.daily_drawdown_limit:.2%}"
+            )
+        peak_limit = self.limits.max_drawdown_limit
+        if peak_limit is not None and self.peak_drawdown >= peak_limit:
+            return (
+                f"drawdown from the peak equity {self.peak_equity:.2f}: "
+                f"{self.peak_drawdown:.4%} reached MAX_DRAWDOWN_LIMIT {peak_limit:.2%}"
             )
         return None
 
@@ -380,6 +399,13 @@ class RiskGovernor:
             return ONE
         return max(ZERO, _CTX.divide(self.day_start_equity - self.equity, self.day_start_equity))
 
+    @property
+    def peak_drawdown(self) -> Decimal:
+        """How far the equity is below its peak (0.2 = 20%)."""
+        if self.peak_equity <= 0:
+            return ONE
+        return max(ZERO, _CTX.divide(self.peak_equity - self.equity, self.peak_equity))
+
     # --- kill switch -------------------------------------------------------------------------
 
     def trigger_kill_switch(self, reason: str, timestamp_ns: int) -> KillSwitchState | None:
@@ -390,13 +416,14 @@ class RiskGovernor:
         return self.kill_switch
 
     def reset_kill_switch(self, timestamp_ns: int) -> bool:
-        """Clear the kill switch (explicit command only). The day restarts at current equity
-        so the same drawdown does not trip it again at once."""
+        """Clear the kill switch (explicit command only). The day and the peak restart at
+        the current equity so the same drawdown does not trip it again at once."""
         if not self.kill_switch.active:
             return False
         self.kill_switch = KillSwitchState(False, "", timestamp_ns)
         self.day = timestamp_ns // NS_PER_DAY
         self.day_start_equity = self.equity
+        self.peak_equity = self.equity
         return True
 
     # --- sizing ------------------------------------------------------------------------------
@@ -487,11 +514,9 @@ class RiskGovernor:
         price = self._order_price(order)
         if not reducing:
             self.roll_day(timestamp_ns)
-            if self.drawdown >= self.limits.daily_drawdown_limit:
-                reasons.append(
-                    f"daily drawdown {self.drawdown:.4%} >= limit "
-                    f"{self.limits.daily_drawdown_limit:.2%}"
-                )
+            breach = self.drawdown_breach()
+            if breach:
+                reasons.append(breach)
             if price is None:
                 reasons.append(f"no market price for {symbol}")
             else:

@@ -6,7 +6,9 @@ Durable state in Redis (keys `hean:risk:*`):
   KILLSWITCH_TRIGGERED is published, read at start. A switch found active but not
   announced (a crash between the two) is announced again at start; one whose write failed
   (Redis refusing writes) is written and announced when the event or command is retried.
-- `hean:risk:day` (hash: day, start_equity): the UTC day and its starting equity.
+- `hean:risk:day` (hash: day, start_equity, peak_equity): the UTC day and its starting
+  equity; the highest equity seen, across days (MAX_DRAWDOWN_LIMIT's high-water mark),
+  written with each PNL_UPDATE that raised it and at a kill-switch reset.
 - `hean:risk:commands` (stream): the command path for the gateway and operators.
   `XADD hean:risk:commands * command trigger reason "<why>"` or `command reset`. Read through
   the consumer group `risk`, acked after the command is applied.
@@ -86,6 +88,9 @@ PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
 class RiskServiceSettings(CoreSettings, RiskSettings):
     starting_equity: PositiveDecimal = Field(default=Decimal("10000"), alias="STARTING_EQUITY")
     max_total_exposure: PositiveDecimal | None = Field(default=None, alias="MAX_TOTAL_EXPOSURE")
+    max_drawdown_limit: Annotated[Decimal, Field(gt=0, lt=1, allow_inf_nan=False)] | None = Field(
+        default=None, alias="MAX_DRAWDOWN_LIMIT"
+    )
     min_order_notional: Annotated[Decimal, Field(ge=0, allow_inf_nan=False)] = Field(
         default=Decimal("5"), alias="MIN_ORDER_NOTIONAL"
     )
@@ -107,6 +112,7 @@ class RiskServiceSettings(CoreSettings, RiskSettings):
             max_leverage=self.max_leverage,
             daily_drawdown_limit=self.daily_drawdown_limit,
             max_total_exposure=self.max_total_exposure,
+            max_drawdown_limit=self.max_drawdown_limit,
             min_order_notional=self.min_order_notional,
             size_step=self.order_size_step,
         )
@@ -139,6 +145,7 @@ class RiskService:
         self.bus = bus
         self.governor = governor
         self._saved_day: tuple[int, Decimal] | None = None  # what DAY_KEY holds
+        self._saved_peak: Decimal | None = None  # and its peak_equity
         #: The kill switch state known written and announced (`_hold_kill_switch`).
         self._announced: KillSwitchState | None = None
         #: Orders decided as they were sized (oldest first): their requests read back are
@@ -223,6 +230,9 @@ class RiskService:
             gov.day = int(day["day"])
             gov.day_start_equity = Decimal(day["start_equity"])
             self._saved_day = (gov.day, gov.day_start_equity)
+        if day.get("peak_equity"):
+            gov.peak_equity = max(gov.peak_equity, Decimal(day["peak_equity"]))
+            self._saved_peak = Decimal(day["peak_equity"])
         stream = RedisEventStream(self.redis_url or "redis://localhost", client=self.redis)
         group = self.consumer.split(":", 1)[0]
         await ensure_group(self.redis, stream_key(EventType.ORDER_FILLED), group, start_id="0")
@@ -432,6 +442,7 @@ class RiskService:
         self.governor.on_pnl(event.data, event.timestamp)
         await self._hold_kill_switch()
         await self._save_day()
+        await self._save_peak()
         self._update_metrics()
 
     async def on_tick(self, event: Event) -> None:
@@ -466,6 +477,7 @@ class RiskService:
                 mapping=_fields({**self.governor.kill_switch.to_mapping(), "announced": "1"}),
             )
         await self._save_day()
+        await self._save_peak()
         log.warning("kill switch reset")
         self._update_metrics()
         return True
@@ -542,6 +554,16 @@ class RiskService:
         )
         self._saved_day = day
 
+    async def _save_peak(self) -> None:
+        """Persist the peak equity when it changed: with each PNL_UPDATE (about once a
+        second) that raised it, not from the order path. A crash loses at most the rise
+        since the last update, so the stop then trips a little later, never earlier."""
+        peak = self.governor.peak_equity
+        if self.redis is None or peak == self._saved_peak:
+            return
+        await self.redis.hset(DAY_KEY, mapping={"peak_equity": str(peak)})
+        self._saved_peak = peak
+
     # --- command path --------------------------------------------------------------------------
 
     async def _command_loop(self) -> None:
@@ -616,6 +638,8 @@ class RiskService:
         m.killswitch_active.set(1 if gov.kill_switch.active else 0)
         m.drawdown_ratio.set(float(gov.drawdown))
         m.daily_drawdown_limit.set(float(gov.limits.daily_drawdown_limit))
+        m.peak_drawdown_ratio.set(float(gov.peak_drawdown))
+        m.max_drawdown_limit.set(float(gov.limits.max_drawdown_limit or 0))
 
 
 def _fields(values: dict[str, str]) -> Any:
@@ -629,6 +653,7 @@ def _reason_label(reason: str) -> str:
         "kill switch",
         "reduce-only",
         "daily drawdown",
+        "drawdown from the peak",
         "no market price",
         "below minimum",
         "MAX_POSITION_SIZE",
