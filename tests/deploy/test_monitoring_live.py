@@ -403,7 +403,7 @@ async def test_dashboards_queries_run_on_prometheus_scraping_live_services(
             return rules if all(r.get("lastEvaluation", "").startswith("2") for r in rules) else []
 
         rules = await poll(rules_evaluated, timeout=30, message="alert rules evaluated")
-        assert len(rules) == 18
+        assert len(rules) == 19
         for rule in rules:
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
         for rule in rules:

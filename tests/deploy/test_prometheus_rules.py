@@ -25,7 +25,7 @@ def test_promtool_check_config_accepts_prometheus_yml():
 def test_promtool_check_rules_accepts_alerts_yml():
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 18 rules found" in result.stdout
+    assert "SUCCESS: 19 rules found" in result.stdout
 
 
 def test_promtool_test_rules_passes_alert_unit_tests():
