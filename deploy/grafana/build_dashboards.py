@@ -283,13 +283,23 @@ def trading_performance() -> dict[str, Any]:
             row("Drawdown"),
             panel(
                 "timeseries",
-                "Daily drawdown and limit",
+                "Drawdown and limits",
                 [
-                    target(f"hean_drawdown_ratio{{{risk}}}", "drawdown", "A"),
-                    target(f"hean_daily_drawdown_limit{{{risk}}}", "limit (kill switch)", "B"),
+                    target(f"hean_drawdown_ratio{{{risk}}}", "daily drawdown", "A"),
+                    target(
+                        f"hean_daily_drawdown_limit{{{risk}}}", "daily limit (kill switch)", "B"
+                    ),
+                    target(f"hean_peak_drawdown_ratio{{{risk}}}", "drawdown from the peak", "C"),
+                    target(
+                        f"hean_max_drawdown_limit{{{risk}}} > 0", "peak limit (kill switch)", "D"
+                    ),
                 ],
                 unit="percentunit",
-                description="Loss from the UTC day's starting equity; the kill switch trips at the limit.",
+                description=(
+                    "Loss from the UTC day's starting equity, and from the highest equity the "
+                    "account has had (MAX_DRAWDOWN_LIMIT, shown when set); the kill switch "
+                    "trips at either limit."
+                ),
                 w=12,
             ),
             panel(

@@ -133,6 +133,7 @@ def local_stack(subprocess_env: dict[str, str], tmp_path: Path) -> Iterator[Loca
             "HEALTH_INTERVAL_S": "1",
             "PNL_PUBLISH_INTERVAL_MS": "0",
             "DAILY_DRAWDOWN_LIMIT": "0.5",
+            "MAX_DRAWDOWN_LIMIT": "0.9",  # set, so the dashboard draws its limit too
             "PAPER_MARKETS": '{"BTC/USDT": {"tick_size": "0.1", "qty_step": "0.001"}}',
             "ORDER_SIZE_STEP": "0.001",
             # the gateway's own HTTP API (compose publishes it on 8000)
