@@ -332,25 +332,29 @@ class RiskGovernor:
         base = self._base_marks.setdefault(symbol, price)
         self._base_equity += signed * (base - price)
         self._revalue()
+        self._release(order_id, signed, finished=finished)
+        return True
+
+    def _release(self, order_id: str, filled: Decimal, *, finished: bool = False) -> bool:
+        """Take `filled` (signed) off `order_id`'s reservation, dropping it when nothing is
+        left to fill (or it crossed zero, or the order is `finished`). True if some of it
+        is still reserved."""
         res = self._reserved.get(order_id)
-        if res is not None:
-            left = res.signed_qty - signed
-            if finished or left == 0 or (left > 0) != (res.signed_qty > 0):
-                del self._reserved[order_id]
-            else:
-                res.signed_qty = left
+        if res is None:
+            return False
+        left = res.signed_qty - filled
+        if finished or left == 0 or (left > 0) != (res.signed_qty > 0):
+            del self._reserved[order_id]
+            return False
+        res.signed_qty = left
         return True
 
     def restore_reservation(self, order: OrderRequestData, filled: Decimal = ZERO) -> bool:
         """Reserve again an order approved before a restart that is still working, less
         `filled` (signed: what its fills so far bought, negative for sold). False if
         nothing of it is left to fill."""
-        signed = order.size if order.side is Side.BUY else -order.size
-        left = signed - filled
-        if left == 0 or (left > 0) != (signed > 0):
-            return False
-        self._reserved[order.order_id] = _Reservation(order.symbol, left, self._order_price(order))
-        return True
+        self._reserve(order)
+        return self._release(order.order_id, filled)
 
     @property
     def reserved_orders(self) -> int:

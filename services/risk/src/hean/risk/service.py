@@ -416,7 +416,6 @@ class RiskService:
         key = str(
             data.get("fill_id") or f"{data['order_id']}:{data['filled_qty']}:{data['fill_price']}"
         )
-        remaining = data.get("remaining_qty")
         return self.governor.on_fill(
             str(data["order_id"]),
             str(data["symbol"]),
@@ -424,7 +423,7 @@ class RiskService:
             Decimal(data["filled_qty"]),
             Decimal(data["fill_price"]),
             key,
-            finished=remaining is not None and Decimal(remaining) == 0,
+            finished=_leaves_nothing(data),
         )
 
     async def on_fill(self, event: Event) -> None:
@@ -683,12 +682,18 @@ def build(ctx: ServiceContext) -> None:
     ctx.orchestrator.register_component(name="risk_governor", component=service)
 
 
+def _leaves_nothing(fill: Any) -> bool:
+    """The fill left its order nothing to fill (`remaining_qty` 0; execution may work less
+    than was approved)."""
+    remaining = fill.get("remaining_qty")
+    return remaining is not None and Decimal(remaining) == 0
+
+
 def _note_fill(data: Any, filled: dict[str, Decimal], finished: set[str]) -> None:
     """Count a replayed fill towards its order: `filled` while the order has more to fill,
     `finished` once a fill leaves it nothing (remaining_qty 0)."""
     order_id = str(data["order_id"])
-    remaining = data.get("remaining_qty")
-    if remaining is not None and Decimal(remaining) == 0:
+    if _leaves_nothing(data):
         finished.add(order_id)
         filled.pop(order_id, None)
         return
