@@ -414,9 +414,8 @@ class Event(BaseModel):
 
     def __init__(self, **kwargs: Any) -> None:
         raw_type = kwargs.get("event_type")
-        event_type = raw_type if type(raw_type) is EventType else None
-        if event_type is None and type(raw_type) is str:  # a decoded event's (hashable)
-            event_type = _EVENT_TYPES.get(raw_type)
+        # An EventType is a str equal to its wire name: one lookup serves both.
+        event_type = _EVENT_TYPES.get(raw_type) if isinstance(raw_type, str) else None
         if event_type is None:
             try:
                 event_type = EventType(str(raw_type).upper())
