@@ -1,5 +1,5 @@
 """Small test utilities: poll with a deadline instead of sleeping for a fixed time; stop
-the service processes a test started."""
+the service processes a test started; a dead-letter entry as the bus writes one."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import asyncio
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from hean.core.event_streams import dead_letter_fields, stream_key
+from hean.core.types import EventType
 
 
 async def eventually(
@@ -41,3 +45,24 @@ def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 10
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def dead_letter(
+    payload: bytes,
+    *,
+    event_type: EventType = EventType.SIGNAL,
+    group: str = "risk",
+    error: str = "ValueError: boom",
+) -> Any:
+    """The fields of a dead letter of `payload`, taken from `event_type`'s stream by
+    `group` after five deliveries (XADD them to `DLQ_STREAM`)."""
+    return dead_letter_fields(
+        stream=stream_key(event_type),
+        entry_id="1-0",
+        group=group,
+        consumer=f"{group}:h:1",
+        deliveries=5,
+        error=error,
+        payload=payload,
+        dead_at_ns=time.time_ns(),
+    )

@@ -15,12 +15,12 @@ import redis
 
 from hean.cli.up import Child, dump_stacks
 from hean.core.bus import EventBus
-from hean.core.event_streams import DLQ_STREAM, dead_letter_fields, stream_key
+from hean.core.event_streams import DLQ_STREAM, stream_key
 from hean.core.health import HealthReporter
 from hean.core.settings import CoreSettings, load_settings
 from hean.core.types import Event, EventType
 from tests.conftest import ROOT
-from tests.helpers import eventually
+from tests.helpers import dead_letter, eventually
 
 HEAN = str(Path(sys.executable).with_name("hean"))
 
@@ -136,11 +136,7 @@ def test_health_reads_snapshots_from_redis(redis_url, subprocess_env):
 
 def add_dead_letter(redis_url: str, payload: bytes) -> str:
     client = redis.Redis.from_url(redis_url)
-    fields: Any = dead_letter_fields(
-        stream=stream_key(EventType.SIGNAL), entry_id="1-0", group="risk", consumer="risk:h:1",
-        deliveries=5, error="ValueError: boom", payload=payload, dead_at_ns=time.time_ns(),
-    )  # fmt: skip
-    entry_id = client.xadd(DLQ_STREAM, fields)
+    entry_id = client.xadd(DLQ_STREAM, dead_letter(payload))
     client.close()
     return str(entry_id.decode())  # type: ignore[union-attr]
 

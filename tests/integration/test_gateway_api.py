@@ -11,7 +11,6 @@ import contextlib
 import logging
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ import websockets
 from fastapi import HTTPException
 
 from hean.core.bus import EventBus
-from hean.core.event_streams import DLQ_STREAM, dead_letter_fields, stream_key
+from hean.core.event_streams import DLQ_STREAM, stream_key
 from hean.core.health import HealthReporter
 from hean.core.metrics import Metrics
 from hean.core.orchestrator import TradingOrchestrator
@@ -34,7 +33,7 @@ from hean.gateway.server import GatewayServer, bind_socket
 from hean.gateway.service import redis_pool_client
 from hean.gateway.settings import GatewaySettings
 from tests.conftest import ROOT, free_port
-from tests.helpers import eventually
+from tests.helpers import dead_letter, eventually
 
 TOKEN = "s3cret-token-value"
 EXPECTED = "market-data,features,ml-service,strategy,risk,execution,portfolio"
@@ -287,17 +286,7 @@ async def test_events_latest_paging_and_invalid_requests(gateway, bus):
 
 
 async def add_dead_letter(client: aioredis.Redis, payload: bytes) -> str:
-    fields = dead_letter_fields(
-        stream=stream_key(EventType.SIGNAL),
-        entry_id="1-0",
-        group="risk",
-        consumer="risk:h:1",
-        deliveries=5,
-        error="ValueError: boom",
-        payload=payload,
-        dead_at_ns=time.time_ns(),
-    )
-    entry_id: Any = await client.xadd(DLQ_STREAM, fields)  # type: ignore[arg-type]
+    entry_id: Any = await client.xadd(DLQ_STREAM, dead_letter(payload))
     return str(entry_id.decode())
 
 

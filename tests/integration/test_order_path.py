@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from hean.core.bus import EventBus
-from hean.core.event_streams import DLQ_STREAM, RedisEventStream, dead_letter_fields, stream_key
+from hean.core.event_streams import DLQ_STREAM, RedisEventStream, stream_key
 from hean.core.resp import RespConnection
 from hean.core.service import ServiceContext, serve
 from hean.core.settings import CoreSettings
@@ -29,6 +29,7 @@ from hean.risk.risk_governor import NS_PER_DAY, RiskGovernor, RiskLimits
 from hean.risk.service import COMMAND_STREAM, KILLSWITCH_KEY, RiskService, RiskServiceSettings
 from hean.risk.service import build as risk_build
 from tests.conftest import RedisServer, free_port
+from tests.helpers import dead_letter
 from tests.integration.signal_path_helpers import FAST, drained
 
 D = Decimal
@@ -901,15 +902,11 @@ async def test_restarted_risk_reserves_again_what_execution_is_still_working(
     )
     approvals = await events(redis_url, EventType.ORDER_APPROVED)
     dead = next(e for e in approvals if e.data["order_id"] == "dead")
-    letter = dead_letter_fields(
-        stream=stream_key(EventType.ORDER_APPROVED),
-        entry_id="1-0",
+    letter = dead_letter(
+        dead.to_json(),
+        event_type=EventType.ORDER_APPROVED,
         group="execution",
-        consumer="execution:1",
-        deliveries=5,
         error="exchange unavailable",
-        payload=dead.to_json(),
-        dead_at_ns=time.time_ns(),
     )
     await redis_client.xadd(DLQ_STREAM, letter)
     bus, svc = await start_risk(redis_url, redis_client)
